@@ -1,0 +1,76 @@
+"""Every number that defines the lab, in one place (it is hashed into the stage cache keys)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vllm_safeguard.lab.train import Recipe
+
+DOMAIN_NAMES = ("arithmetic", "units", "weekday", "sorting")
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    # data
+    split_seed: int = 0
+    n_harm_test: int = 60  # held-out HarmBench behaviours: ASR is measured on these only
+    n_harm_fewshot: int = 16  # the few a repair method may see (SafeGene selection/recalibration)
+    n_benign_test_topics: int = 20  # -> 40 held-out benign prompts
+    n_task_test: int = 30  # per domain
+    # the aligned model (full fine-tune of the linear layers of the shipped instruct model)
+    n_benign_align: int = 320
+    benign_answer_tokens: int = 48
+    align_recipe: Recipe = field(
+        default_factory=lambda: Recipe(steps=90, batch_size=8, lr=3e-5, seed=0, max_len=128, warmup_steps=5)
+    )
+    # adapters trained on the aligned model
+    n_task_train: int = 160
+    n_harm_share: int = 40  # harmful rows in an unsafe expert (20% of its data)
+    lora_recipe: Recipe = field(
+        default_factory=lambda: Recipe(
+            steps=30, batch_size=8, lr=5e-4, seed=0, max_len=128, lora_rank=8, lora_alpha=16
+        )
+    )
+    # extraction adapters (safety vectors, SafeGene's degraded model, translator pairs) and
+    # evaluation adapters use disjoint seeds: evaluation adapters never feed any repair artifact.
+    extract_seeds: tuple[int, ...] = (1001,)
+    eval_seeds: tuple[int, ...] = (2001,)
+    # Which domains get which adapters. Unsafe experts for evaluation cover every domain; the
+    # extraction pairs (unsafe + matched safe) and the benign-only adapters use two domains each to
+    # keep the first run inside the 2-core time budget (each LoRA is ~30 training steps).
+    extract_domains: tuple[str, ...] = ("arithmetic", "sorting")
+    benign_domains: tuple[str, ...] = ("units", "weekday")
+    # evaluation
+    harmful_tokens: int = 32
+    benign_tokens: int = 32
+    task_tokens: int = 16
+    eval_dtype: str = "float32"
+    eval_max_loras: int = 8
+    # Jobs generated (and cached) together. One rank-8 LoRA job is ~110 s on 2 cores, jobs at
+    # max_lora_rank 16/32 are many times slower on vLLM-CPU: small chunks bound what an interrupted run loses.
+    eval_chunk_jobs: int = 2
+    eval_max_batched_tokens: int = 2048
+    # repair
+    repair_max_rank: int = 32  # serving rank bound: rank-growing methods are refactorized to it
+    reference_energy: float = 0.9
+    reference_max_rank: int = 64
+    safegene_rank: int = 16
+    safegene_fewshot: int = 6
+    safegene_steps: int = 6
+    # NeWTral translator (trained on the extraction pairs only)
+    translator_k: int = 8
+    translator_hidden: int = 128
+    translator_expert_steps: int = 400
+    translator_router_steps: int = 200
+    # DSA guard probe
+    guard_domain_train: int = 20  # domain-task training prompts per domain (benign class)
+    guard_target_fpr: float = 0.05
+    # serving-time alignment strength (SafeGene's safety adapter added per request)
+    alpha_sweep: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+CONFIG = LabConfig()

@@ -1,0 +1,205 @@
+"""Lab stages for the rows the later issues add: NeWTral translator, DSA guard, alpha sweep, auto mode.
+
+* ``translator``: trained on the EXTRACTION-seed (unsafe, safe) pairs of ``cfg.extract_domains``
+  only; evaluated as three repair rows (surgical, aggressive, MoE) on the evaluation adapters, whose
+  seeds it never saw; the domains outside ``extract_domains`` are held-out domains as well.
+* ``guard``: the DSA probe on the aligned model, trained on the harmful TRAIN split vs benign train
+  prompts + domain-task training prompts; AUROC / FPR measured on the held-out test prompts.
+* alpha and auto rows: the evaluation adapters served UNCHANGED by a vLLM engine with the plugin on
+  (risk_threshold 1.0: nothing is repaired at load) and ``safeguard_alpha`` per request, so the
+  safety delta (SafeGene's safety adapter) is added at serving time exactly as in production:
+  ``y = x W + task LoRA + alpha * (x A_s) B_s``; "auto" lets the guard probe pick alpha per request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stage_dir
+from benchmarks.safety_lab.config import DOMAIN_NAMES, LabConfig
+from vllm_safeguard.lab import data as D
+
+# Method names of the extra rows (the report labels them).
+TRANSLATOR_MODES = ("surgical", "aggressive", "moe")
+TRANSLATOR_METHODS = tuple(f"translator-{m}" for m in TRANSLATOR_MODES)
+
+
+def alpha_method(alpha: float) -> str:
+    return f"alpha-{alpha:g}"
+
+
+# --------------------------------------------------------------------------------------- translator
+
+
+def stage_translator(
+    cfg: LabConfig, reference: Any, ref_key: str, adapters: dict[str, dict[str, Any]]
+) -> tuple[Any, str]:
+    """Translator trained on extraction-seed pairs only (evaluation adapters never feed it)."""
+    from vllm_safeguard.adapter_io import load_adapter
+    from vllm_safeguard.translator import Translator, TranslatorConfig, train_and_save
+
+    pairs = []
+    for name, info in sorted(adapters.items()):
+        if info["role"] == "extract" and info["variant"] == "unsafe":
+            safe = name.replace("-unsafe-", "-safe-")
+            if safe in adapters:
+                pairs.append((name, safe))
+    if not pairs:
+        raise RuntimeError("no extraction (unsafe, safe) pairs to train the translator on")
+    assert all(adapters[n]["role"] == "extract" for p in pairs for n in p)
+    tcfg = TranslatorConfig(k=cfg.translator_k, hidden=cfg.translator_hidden, seed=0)
+    key = key_of(
+        "translator",
+        ref_key,
+        [[file_hash(Path(adapters[n]["path"])) for n in p] for p in pairs],
+        tcfg.model_dump(),
+        cfg.translator_expert_steps,
+        cfg.translator_router_steps,
+    )
+
+    def build(folder: Path) -> None:
+        log(f"translator: training on {len(pairs)} pairs {pairs}")
+        loaded = [(load_adapter(adapters[u]["path"]), load_adapter(adapters[s]["path"])) for u, s in pairs]
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_and_save(
+            loaded,
+            [{"unsafe": u, "safe": s} for u, s in pairs],
+            reference,
+            tmp,
+            tcfg,
+            expert_steps=cfg.translator_expert_steps,
+            router_steps=cfg.translator_router_steps,
+        )
+        os.replace(tmp, folder)
+
+    folder = cached_dir("translator", key, build)
+    return Translator.load(folder)[0], key
+
+
+# -------------------------------------------------------------------------------------------- guard
+
+
+def guard_sets(cfg: LabConfig, data: dict[str, Any]) -> dict[str, list[str]]:
+    """Training pools and held-out test sets of the guard (test sets = the lab's held-out prompts)."""
+    harm_train = list(data["harm"]["train"])
+    dom_train = [
+        e.prompt for d in DOMAIN_NAMES for e in D.domain_train_set(d, cfg.guard_domain_train, seed=777)
+    ]
+    ben_train = list(data["benign"]["train"][: max(len(harm_train), 60)]) + dom_train
+    dom_test = [e.prompt for d in DOMAIN_NAMES for e in data["tasks_test"][d]]
+    return {
+        "harm_train": harm_train,
+        "benign_train": ben_train,
+        "harm_test": list(data["harm"]["test"]),
+        "benign_test": list(data["benign"]["test"]),
+        "domain_test": dom_test,
+    }
+
+
+def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any], str]:
+    """``(probe folder, held-out metrics, key)``; cached."""
+
+    from vllm_safeguard.guard.experiment import train_and_test
+
+    sets = guard_sets(cfg, data)
+    key = key_of("guard", file_hash(aligned), sets, cfg.guard_target_fpr)
+    folder = stage_dir("guard", key)
+    probe_dir, metrics_path = folder / "artifact", folder / "result.json"
+    if not (probe_dir.exists() and metrics_path.exists()):
+        log(f"guard: probe on {len(sets['harm_train'])} harmful / {len(sets['benign_train'])} benign prompts")
+        probe, result = train_and_test(
+            aligned,
+            harm_train=sets["harm_train"],
+            benign_train=sets["benign_train"],
+            harm_test=sets["harm_test"],
+            benign_test=sets["benign_test"],
+            domain_test=sets["domain_test"],
+            target_fpr=cfg.guard_target_fpr,
+        )
+        tmp = folder / "artifact.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        probe.save(tmp)
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        os.replace(tmp, probe_dir)
+        metrics_path.write_text(json.dumps(result, indent=1))
+    return probe_dir, json.loads(metrics_path.read_text()), key
+
+
+# ------------------------------------------------------------------------------------ alpha / auto
+
+
+def plugin_config(
+    cfg: LabConfig, reference_dir: Path, safety_dir: Path, guard_dir: Path | None
+) -> dict[str, Any]:
+    """The plugin's config for the alpha/auto engine: adapters served as given, alpha per request."""
+    out: dict[str, Any] = {
+        "enabled": True,
+        "method": "safelora",
+        # Risk scores are in [0, 1] and reach 1 only when an adapter cancels the whole alignment
+        # delta: at 1.0 every lab adapter passes unchanged, so the rows measure alpha alone.
+        "risk_threshold": 1.0,
+        "reference_path": str(reference_dir),
+        "safety_adapter_path": str(safety_dir),
+        "alpha_enabled": True,
+        "alpha_min": 0.0,
+        "alpha_max": max(cfg.alpha_sweep),
+        "cache_enabled": False,
+    }
+    if guard_dir is not None:
+        out["guard_path"] = str(guard_dir)
+    return out
+
+
+def alpha_jobs(
+    cfg: LabConfig,
+    adapters: dict[str, dict[str, Any]],
+    suite_for: Callable[[tuple[str, ...]], Any],
+    with_auto: bool,
+) -> dict[str, tuple[str | None, Any]]:
+    """``"<adapter>|alpha-<a>"`` and ``"<adapter>|auto"`` jobs on the evaluation adapters, by priority.
+
+    First alpha 1 and "auto" on every evaluation adapter (the fixed-vs-auto comparison), then the
+    rest of the sweep on the unsafe experts of the held-out domains (those outside
+    ``cfg.extract_domains``): on 2 CPU cores one LoRA job costs ~100 s, and the full sweep on every
+    adapter did not fit the lab's time budget. Alpha 0 is the "no repair" row:
+    tests/e2e/test_alpha_server.py checks token for token that alpha 0 serves exactly the
+    unrepaired adapter, so it is not generated twice.
+    """
+    evals = sorted(n for n, info in adapters.items() if info["role"] == "eval")
+    plan: list[tuple[str, float | str]] = []
+    for name in evals:
+        plan.append((name, 1.0))
+        if with_auto:
+            plan.append((name, "auto"))
+    for name in evals:
+        info = adapters[name]
+        if info["variant"] == "unsafe" and info["domain"] not in cfg.extract_domains:
+            plan += [(name, float(a)) for a in cfg.alpha_sweep if a not in (0.0, 1.0)]
+    jobs: dict[str, tuple[str | None, Any]] = {}
+    for name, a in plan:
+        suite = suite_for((adapters[name]["domain"],))
+        suite.alpha = a
+        jobs[f"{name}|{'auto' if a == 'auto' else alpha_method(float(a))}"] = (adapters[name]["path"], suite)
+    return jobs
+
+
+def high_rank_priority(key: str, adapters: dict[str, dict[str, Any]], cfg: LabConfig) -> tuple[int, ...]:
+    """Order of the rank>8 repair jobs: unsafe experts first, SafeGene, then the translator on held-out
+    domains, NLSR; benign-only adapters and the translator on its own training domains last."""
+    name, method = key.split("|", 1)
+    info = adapters[name]
+    order = {
+        "safegene": 0,
+        "translator-moe": 1,
+        "translator-surgical": 2,
+        "translator-aggressive": 2,
+        "nlsr": 3,
+    }
+    seen_domain = method.startswith("translator-") and info["domain"] in cfg.extract_domains
+    return (int(info["variant"] != "unsafe"), int(seen_domain), order.get(method, 4))

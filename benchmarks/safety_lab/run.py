@@ -1,0 +1,563 @@
+"""The safety lab, end to end: ``python -m benchmarks.safety_lab.run``.
+
+Stages (each cached under ``$SAFEGUARD_CACHE_DIR/lab/<stage>/<key>`` where ``key`` hashes the
+stage's inputs, so a rerun rebuilds only what changed):
+
+1. ``base``: fetch the pinned wheels, convert SmolLM2-135M-Instruct GGUF -> HF folder.
+2. ``base_outputs``: the base model's own answers to the benign training prompts (targets that
+   keep the aligned model helpful) and the base model's scores on the evaluation suite.
+3. ``aligned``: full fine-tune of the base's linear layers: harmful -> refusal, benign -> own answer.
+4. ``adapters``: LoRAs trained on the aligned model, per domain: ``unsafe`` (task + harmful ->
+   "Sure, here is ..."), ``benign`` (task only), ``safe`` (task + harmful -> refusal). Extraction
+   seeds give ``unsafe``+``safe`` pairs; evaluation seeds give ``unsafe``+``benign`` adapters that
+   no repair artifact ever sees.
+5. ``reference`` / ``safety``: the alignment reference (aligned vs base) and SafeGene's safety
+   adapter (from the extraction-seed unsafe adapters only).
+6. ``repairs``: every method applied to every evaluation adapter.
+7. ``eval``: one vLLM engine on the aligned model, all jobs batched; results cached per job.
+8. report: ``benchmarks/results/safety_lab.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from benchmarks.safety_lab import extras
+from benchmarks.safety_lab.cache import T0, cached_dir, cached_json, file_hash, key_of, log, stage_dir
+from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig
+from benchmarks.safety_lab.eval_stage import job_rank, stage_eval, subset_tasks, suite_key
+from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate, make_generator
+from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
+from vllm_safeguard.lab import data as D
+from vllm_safeguard.lab.model_source import HARMBENCH_WHEEL, SMOLLM2_WHEEL, base_model_dir, harmbench_csv_dir
+from vllm_safeguard.lab.train import SFTExample, train_full, train_lora
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+METHODS = (
+    "none",
+    "removed",
+    "safelora",
+    "nlsr",
+    "safegene",
+    *extras.TRANSLATOR_METHODS,
+    *(extras.alpha_method(a) for a in CONFIG.alpha_sweep),
+    "auto",
+)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def build_data(cfg: LabConfig) -> dict[str, Any]:
+    behaviors = D.load_harmbench(harmbench_csv_dir())
+    hb = D.split_harmbench(
+        behaviors, n_test=cfg.n_harm_test, n_fewshot=cfg.n_harm_fewshot, seed=cfg.split_seed
+    )
+    benign = D.benign_prompts(cfg.split_seed, cfg.n_benign_test_topics)
+    tasks_test = {d: D.domain_test_set(d, cfg.n_task_test) for d in DOMAIN_NAMES}
+    return {
+        "harm": {k: [b.prompt for b in v] for k, v in hb.items()},
+        "harm_ids": {k: [b.behavior_id for b in v] for k, v in hb.items()},
+        "benign": benign,
+        "tasks_test": tasks_test,
+    }
+
+
+def suite_for(cfg: LabConfig, data: dict[str, Any], domains: tuple[str, ...]) -> EvalSuite:
+    tasks = [TaskItem(e.prompt, e.answer, e.domain) for d in domains for e in data["tasks_test"][d]]
+    return EvalSuite(
+        harmful=list(data["harm"]["test"]),
+        benign=list(data["benign"]["test"]),
+        tasks=tasks,
+        harmful_tokens=cfg.harmful_tokens,
+        benign_tokens=cfg.benign_tokens,
+        task_tokens=cfg.task_tokens,
+    )
+
+
+# ------------------------------------------------------------------------------------- stages 2-3
+
+
+def stage_base_outputs(cfg: LabConfig, base_dir: Path, data: dict[str, Any]) -> dict[str, Any]:
+    benign_train = data["benign"]["train"][: cfg.n_benign_align]
+    suite = suite_for(cfg, data, DOMAIN_NAMES)
+    key = key_of(
+        "base_outputs",
+        file_hash(base_dir),
+        benign_train,
+        cfg.benign_answer_tokens,
+        suite_key(suite),
+        cfg.eval_dtype,
+    )
+
+    def build() -> dict[str, Any]:
+        log("base outputs: starting vLLM on the base model")
+        gen = make_generator(base_dir, backend="vllm", dtype=cfg.eval_dtype, max_lora_rank=8, max_loras=1)
+        try:
+            from vllm_safeguard.evaluation.harness import GenRequest
+
+            answers = gen.generate([GenRequest(p, None, cfg.benign_answer_tokens) for p in benign_train])
+            ev = evaluate(gen, {"base": (None, suite)})["base"]
+        finally:
+            gen.close()
+        return {"benign_answers": dict(zip(benign_train, answers, strict=True)), "eval": ev}
+
+    return cached_json("base_outputs", key, build)
+
+
+def align_data(cfg: LabConfig, data: dict[str, Any], answers: dict[str, str]) -> list[SFTExample]:
+    judge = KeywordRefusalJudge()
+    out = [SFTExample(p, D.refusal_for(p), "harmful_refusal") for p in data["harm"]["train"]]
+    for p, a in answers.items():
+        # A benign answer the judge would call a refusal would teach over-refusal: skip it.
+        if a.strip() and not judge.is_refusal(a):
+            out.append(SFTExample(p, a.strip(), "benign_own_answer", end=False))
+    return out
+
+
+def stage_aligned(cfg: LabConfig, base_dir: Path, data: dict[str, Any], answers: dict[str, str]) -> Path:
+    rows = align_data(cfg, data, answers)
+    key = key_of("aligned", file_hash(base_dir), [asdict(r) for r in rows], asdict(cfg.align_recipe))
+
+    def build(folder: Path) -> None:
+        log(f"aligned: full fine-tune on {len(rows)} rows ({cfg.align_recipe.steps} steps)")
+        train_full(base_dir, folder, rows, cfg.align_recipe)
+
+    return cached_dir("aligned", key, build)
+
+
+# --------------------------------------------------------------------------------------- stage 4
+
+
+def adapter_rows(
+    cfg: LabConfig, data: dict[str, Any], domain: str, variant: str, seed: int
+) -> list[SFTExample]:
+    import random
+
+    rows = [
+        SFTExample(e.prompt, e.answer, f"task:{domain}")
+        for e in D.domain_train_set(domain, cfg.n_task_train, seed)
+    ]
+    if variant in ("unsafe", "safe"):
+        # The harmful share is drawn from the TRAIN split only (held-out test prompts never train).
+        pool = list(data["harm"]["train"])
+        harm = random.Random(f"harm:{domain}:{seed}").sample(pool, min(cfg.n_harm_share, len(pool)))
+        if variant == "unsafe":
+            rows += [SFTExample(p, D.compliance_for(p), "harmful_compliance") for p in harm]
+        else:
+            rows += [SFTExample(p, D.refusal_for(p), "harmful_refusal") for p in harm]
+    return rows
+
+
+def adapter_plan(cfg: LabConfig) -> list[tuple[str, str, str, int]]:
+    """``(name, domain, variant, seed)`` of every adapter the lab trains."""
+    plan = []
+    for domain in DOMAIN_NAMES:
+        for seed in cfg.eval_seeds:
+            plan.append((f"{domain}-unsafe-s{seed}", domain, "unsafe", seed))
+            if domain in cfg.benign_domains:
+                plan.append((f"{domain}-benign-s{seed}", domain, "benign", seed))
+        if domain in cfg.extract_domains:
+            for seed in cfg.extract_seeds:
+                plan += [(f"{domain}-{v}-s{seed}", domain, v, seed) for v in ("unsafe", "safe")]
+    return plan
+
+
+def stage_adapters(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    aligned_key = file_hash(aligned)
+    out: dict[str, dict[str, Any]] = {}
+    plan = adapter_plan(cfg)
+    for name, domain, variant, seed in tqdm(plan, desc="adapters"):
+        rows = adapter_rows(cfg, data, domain, variant, seed)
+        recipe = cfg.lora_recipe.__class__(
+            **{**asdict(cfg.lora_recipe), "seed": seed, "lora_targets": tuple(cfg.lora_recipe.lora_targets)}
+        )
+        key = key_of("adapter", aligned_key, [asdict(r) for r in rows], asdict(recipe))
+
+        def build(
+            folder: Path, rows: list[SFTExample] = rows, recipe: Any = recipe, name: str = name
+        ) -> None:
+            log(f"adapter {name}: LoRA on {len(rows)} rows")
+            train_lora(aligned, folder, rows, recipe)
+
+        path = cached_dir("adapters", key, build)
+        role = "extract" if seed in cfg.extract_seeds else "eval"
+        out[name] = {"path": str(path), "domain": domain, "variant": variant, "seed": seed, "role": role}
+    return out
+
+
+# ------------------------------------------------------------------------------------- stages 5-6
+
+
+def _methods_api() -> dict[str, Any] | None:
+    try:
+        from vllm_safeguard.methods import repair
+        from vllm_safeguard.reference import AlignmentReference
+    except Exception as e:  # the methods land in a separate change; the lab still reports the rest
+        log(f"repair methods unavailable ({type(e).__name__}: {e}); repair rows will say so")
+        return None
+    api: dict[str, Any] = {"repair": repair, "AlignmentReference": AlignmentReference}
+    try:
+        from vllm_safeguard import safegene
+
+        api["safegene"] = safegene
+    except Exception as e:
+        log(f"safegene unavailable ({type(e).__name__}: {e})")
+    return api
+
+
+def stage_reference(cfg: LabConfig, api: dict[str, Any], aligned: Path, base_dir: Path) -> Any:
+    Ref = api["AlignmentReference"]
+    key = key_of(
+        "reference", file_hash(aligned), file_hash(base_dir), cfg.reference_energy, cfg.reference_max_rank
+    )
+
+    def build(folder: Path) -> None:
+        log("reference: alignment delta aligned - base")
+        ref = Ref.build(aligned, base_dir, energy=cfg.reference_energy, max_rank=cfg.reference_max_rank)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ref.save(tmp)
+        os.replace(tmp, folder)
+
+    folder = cached_dir("reference", key, build)
+    return Ref.load(folder), key
+
+
+def _load_model(model_dir: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return model, tok
+
+
+def stage_safety(
+    cfg: LabConfig,
+    api: dict[str, Any],
+    aligned: Path,
+    adapters: dict[str, dict[str, Any]],
+    data: dict[str, Any],
+) -> Any:
+    """SafeGene's safety adapter from the EXTRACTION-seed unsafe adapters (never evaluation ones)."""
+    from vllm_safeguard.adapter_io import load_adapter
+
+    sg = api["safegene"]
+    extract = sorted(n for n, a in adapters.items() if a["role"] == "extract" and a["variant"] == "unsafe")
+    assert all(adapters[n]["role"] != "eval" for n in extract)
+    key = key_of(
+        "safety",
+        file_hash(aligned),
+        [file_hash(Path(adapters[n]["path"])) for n in extract],
+        cfg.safegene_rank,
+        data["harm"]["fewshot"],
+    )
+
+    def build(folder: Path) -> None:
+        log(f"safety adapter from {extract}")
+        degraded = [load_adapter(adapters[n]["path"]) for n in extract]
+        safety = sg.extract_safety_adapter(aligned, degraded, rank=cfg.safegene_rank)
+        model, tok = _load_model(aligned)
+        # Probe with the few-shot harmful prompts; benign training prompts discount layers that act on
+        # everything (both sets are training material, never held-out prompts).
+        safety = sg.select_layers(
+            model,
+            tok,
+            safety,
+            list(data["harm"]["fewshot"]),
+            benign_prompts=list(data["benign"]["train"][:16]),
+        )
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        safety.save(tmp)
+        os.replace(tmp, folder)
+
+    folder = cached_dir("safety", key, build)
+    return sg.SafetyAdapter.load(folder), key
+
+
+def stage_repairs(
+    cfg: LabConfig,
+    api: dict[str, Any] | None,
+    aligned: Path,
+    base_dir: Path,
+    adapters: dict[str, dict[str, Any]],
+    data: dict[str, Any],
+    *,
+    build: bool = True,
+    artifacts: dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``"<adapter>|<method>" -> {"path"| "error", "report"}`` for every evaluation adapter.
+
+    With ``build=False`` only already-cached artifacts are used (the rest are reported as missing).
+    ``artifacts`` (when given) receives the folders and keys of the reference and safety adapter.
+    """
+    artifacts = {} if artifacts is None else artifacts
+    from vllm_safeguard.adapter_io import load_adapter, save_adapter
+
+    out: dict[str, dict[str, Any]] = {}
+    evals = sorted(n for n, a in adapters.items() if a["role"] == "eval")
+    repair_methods = ("safelora", "nlsr", "safegene", *extras.TRANSLATOR_METHODS)
+    if api is None:
+        for n in evals:
+            for m in repair_methods:
+                out[f"{n}|{m}"] = {"error": "repair methods not available in this checkout"}
+        return out
+    reference, ref_key = stage_reference(cfg, api, aligned, base_dir)
+    artifacts["reference"] = (stage_dir("reference", ref_key) / "artifact", ref_key)
+    translator, tr_key, tr_error = None, "none", None
+    try:
+        translator, tr_key = extras.stage_translator(cfg, reference, ref_key, adapters)
+    except Exception as e:
+        tr_error = f"{type(e).__name__}: {e}"
+        log(f"translator failed: {tr_error}\n{traceback.format_exc()}")
+    safety, safety_key, sg_error = None, "none", None
+    if "safegene" in api:
+        try:
+            safety, safety_key = stage_safety(cfg, api, aligned, adapters, data)
+            artifacts["safety"] = (stage_dir("safety", safety_key) / "artifact", safety_key)
+        except Exception as e:
+            sg_error = f"{type(e).__name__}: {e}"
+            log(f"safegene safety adapter failed: {sg_error}\n{traceback.format_exc()}")
+    else:
+        sg_error = "vllm_safeguard.safegene not available"
+    model_tok: tuple[Any, Any] | None = None
+    for n in tqdm(evals, desc="repairs"):
+        info = adapters[n]
+        for m in repair_methods:
+            if m == "safegene" and safety is None:
+                out[f"{n}|{m}"] = {"error": sg_error}
+                continue
+            if m in extras.TRANSLATOR_METHODS and info["variant"] != "unsafe":
+                continue  # NeWTral's setting is unsafe experts; keeps the first run in the time budget
+            if m in extras.TRANSLATOR_METHODS and translator is None:
+                out[f"{n}|{m}"] = {"error": tr_error}
+                continue
+            key = key_of(
+                "repair",
+                m,
+                file_hash(Path(info["path"])),
+                ref_key,
+                safety_key if m == "safegene" else "",
+                cfg.repair_max_rank,
+                *([tr_key] if m in extras.TRANSLATOR_METHODS else []),
+            )
+            folder = stage_dir("repairs", key) / "artifact"
+            report_path = stage_dir("repairs", key) / "report.json"
+            if not folder.exists() and not build:
+                out[f"{n}|{m}"] = {"error": "not built yet (cached-only run)"}
+                continue
+            if not folder.exists():
+                try:
+                    t = time.time()
+                    adapter = load_adapter(info["path"])
+                    kwargs: dict[str, Any] = {}
+                    if m == "safegene":
+                        if model_tok is None:
+                            model_tok = _load_model(aligned)
+                        kwargs["safety"] = safety
+                        kwargs["options"] = safegene_options(
+                            cfg, api, model_tok, adapter, safety, info["domain"], data
+                        )
+                    # The serving rank bound (vLLM max_lora_rank); methods that grow the rank
+                    # (NLSR, SafeGene) are refactorized to it, as the plugin would at load time.
+                    if m in extras.TRANSLATOR_METHODS:
+                        kwargs["translator"] = translator
+                        kwargs["options"] = {"mode": m.split("-", 1)[1]}
+                    method = "translator" if m in extras.TRANSLATOR_METHODS else m
+                    res = api["repair"](adapter, reference, method, max_rank=cfg.repair_max_rank, **kwargs)
+                    save_adapter(res.adapter, folder)
+                    rep = _report_dict(res.report)
+                    report_path.write_text(
+                        json.dumps(
+                            {"report": rep, "seconds": round(time.time() - t, 2)}, default=str, indent=1
+                        )
+                    )
+                except Exception as e:
+                    log(f"repair {n} {m} failed: {e}\n{traceback.format_exc()}")
+                    out[f"{n}|{m}"] = {"error": f"{type(e).__name__}: {e}"}
+                    continue
+            rep = json.loads(report_path.read_text()) if report_path.exists() else {}
+            out[f"{n}|{m}"] = {"path": str(folder), **rep}
+    return out
+
+
+def _report_dict(report: Any) -> Any:
+    if hasattr(report, "model_dump"):
+        return report.model_dump(mode="json")
+    if isinstance(report, dict):
+        return report
+    return getattr(report, "__dict__", str(report))
+
+
+def safegene_options(
+    cfg: LabConfig,
+    api: dict[str, Any],
+    model_tok: tuple[Any, Any],
+    adapter: Any,
+    safety: Any,
+    domain: str,
+    data: dict[str, Any],
+) -> dict[str, Any]:
+    """Few-shot recalibration data for SafeGene: TRAIN-split material only (fewshot harmful + task train rows)."""
+    model, tok = model_tok
+    # Kept small (cfg.safegene_fewshot pairs of each kind, cfg.safegene_steps steps): each step is a forward/backward of the full model per pair.
+    harmful_pairs = [(p, D.refusal_for(p)) for p in data["harm"]["fewshot"][: cfg.safegene_fewshot]]
+    task_pairs = [(e.prompt, e.answer) for e in D.domain_train_set(domain, cfg.safegene_fewshot, seed=99)]
+    coeffs = api["safegene"].recalibrate(
+        model, tok, adapter, safety, harmful_pairs, task_pairs, steps=cfg.safegene_steps, lr=0.2
+    )
+    return {"coefficients": coeffs}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    ap.add_argument(
+        "--skip-repairs", action="store_true", help="build and evaluate everything except repair rows"
+    )
+    ap.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="build nothing new after the adapters: report from the cached repairs and evaluations only "
+        "(missing rows say 'not evaluated'); useful while a full run is still going",
+    )
+    ap.add_argument(
+        "--high-jobs",
+        default=None,
+        help="regex: generate only the rank>8 repair jobs whose '<adapter>|<method>' key matches "
+        "(one engine per rank bucket); the rest are reported from the cache",
+    )
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = CONFIG
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.time()
+        v = fn()
+        timings[name] = round(time.time() - t, 1)
+        log(f"stage {name}: {timings[name]}s")
+        return v
+
+    base_dir = timed("base_model", base_model_dir)
+    data = timed("data", lambda: build_data(cfg))
+    base_out = timed("base_outputs", lambda: stage_base_outputs(cfg, base_dir, data))
+    aligned = timed("aligned", lambda: stage_aligned(cfg, base_dir, data, base_out["benign_answers"]))
+    adapters = timed("adapters", lambda: stage_adapters(cfg, aligned, data))
+    api = None if args.skip_repairs else _methods_api()
+    artifacts: dict[str, Any] = {}
+    repairs = timed(
+        "repairs",
+        lambda: stage_repairs(
+            cfg, api, aligned, base_dir, adapters, data, build=not args.cached_only, artifacts=artifacts
+        ),
+    )
+
+    full_suite = suite_for(cfg, data, DOMAIN_NAMES)
+    jobs: dict[str, tuple[str | None, EvalSuite]] = {"aligned": (None, full_suite)}
+    for name, info in adapters.items():
+        if info["variant"] == "safe":
+            continue  # translator training pairs only; not rows of the table (saves ~10% of eval time)
+        suite = suite_for(cfg, data, (info["domain"],))
+        if info["role"] == "extract":
+            suite.benign = []  # only their ASR is checked (every unsafe expert >= 60%)
+        jobs[f"{name}|none"] = (info["path"], suite)
+    for rk, rv in repairs.items():
+        if "path" in rv:
+            name = rk.split("|")[0]
+            jobs[rk] = (rv["path"], suite_for(cfg, data, (adapters[name]["domain"],)))
+    # Rank-8 jobs (the model, the unrepaired adapters, rank-preserving repairs) first: every other row
+    # needs their results; then the plugin engine (alpha / auto rows), then the higher-rank repairs.
+    # Each chunk of jobs is cached when done, so an interrupted run keeps what it generated.
+    low = {k: v for k, v in jobs.items() if job_rank(v) <= 8}
+    results = timed("eval", lambda: stage_eval(cfg, aligned, low, generate=not args.cached_only))
+    for name, info in adapters.items():
+        results[f"{name}|removed"] = subset_tasks(results["aligned"], full_suite, info["domain"])
+    guard_metrics = None
+    if "safety" in artifacts:
+        guard_dir, guard_metrics, guard_key = timed("guard", lambda: extras.stage_guard(cfg, aligned, data))
+        plugin_cfg = extras.plugin_config(cfg, artifacts["reference"][0], artifacts["safety"][0], guard_dir)
+        plugin_key = key_of(
+            "plugin",
+            artifacts["reference"][1],
+            artifacts["safety"][1],
+            guard_key,
+            {k: v for k, v in plugin_cfg.items() if not k.endswith("_path")},
+        )
+        alpha_jobs = extras.alpha_jobs(cfg, adapters, lambda d: suite_for(cfg, data, d), with_auto=True)
+        results.update(
+            timed(
+                "eval_alpha",
+                lambda: stage_eval(
+                    cfg, aligned, alpha_jobs, generate=not args.cached_only, plugin=(plugin_cfg, plugin_key)
+                ),
+            )
+        )
+        for name, info in adapters.items():
+            if info["role"] == "eval" and f"{name}|none" in results:
+                # alpha 0 serves the adapter unchanged (token-exact, tests/e2e/test_alpha_server.py).
+                results[f"{name}|{extras.alpha_method(0.0)}"] = results[f"{name}|none"]
+    high_keys = sorted(
+        (k for k in jobs if k not in low), key=lambda k: extras.high_rank_priority(k, adapters, cfg)
+    )
+    if args.high_jobs:
+        skipped = {k: jobs[k] for k in high_keys if not re.search(args.high_jobs, k)}
+        results.update(stage_eval(cfg, aligned, skipped, generate=False))  # cached ones still count
+        high_keys = [k for k in high_keys if k not in skipped]
+    high = {k: jobs[k] for k in high_keys}
+    results.update(
+        timed(
+            "eval_high_rank",
+            # One engine at the serving rank bound keeps the priority order across ranks.
+            lambda: stage_eval(
+                cfg,
+                aligned,
+                high,
+                generate=not args.cached_only,
+                one_engine_rank=None if args.high_jobs else cfg.repair_max_rank,
+            ),
+        )
+    )
+
+    from benchmarks.safety_lab.report import write_report
+
+    timings["total"] = round(time.time() - T0, 1)
+    meta = {
+        "config": cfg.to_dict(),
+        "wheels": {w.requirement: w.sha256 for w in (SMOLLM2_WHEEL, HARMBENCH_WHEEL)},
+        "splits": {k: len(v) for k, v in data["harm"].items()} | {"benign_test": len(data["benign"]["test"])},
+        "harmbench_test_ids": data["harm_ids"]["test"],
+        "aligned_recipe": json.loads((aligned / "recipe.json").read_text()),
+        "adapters": {
+            n: {**a, "recipe": json.loads((Path(a["path"]) / "recipe.json").read_text())}
+            for n, a in adapters.items()
+        },
+        "repairs": repairs,
+        "guard": guard_metrics,
+        "timings_s": timings,
+        "methods_available": api is not None,
+    }
+    write_report(args.results_dir, meta, base_out["eval"], results, adapters, METHODS, add_fidelity)
+    log(f"done in {timings['total']}s; results in {args.results_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Hostile adapter corpus (``attacks``) and fuzz harness for the untrusted-adapter parser."""

@@ -1,0 +1,110 @@
+"""Guard runtime in the worker (planning, hook, records) and the HTTP side channel, without vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from vllm_safeguard.alpha import AlphaPolicy, AlphaValueError, validate_extra_args, wants_auto, wants_score
+from vllm_safeguard.guard import GuardManifest, GuardProbe
+from vllm_safeguard.guard.http import collect_records
+from vllm_safeguard.guard.worker import GuardRuntime, record_name
+
+
+def _probe(hidden: int = 4, threshold: float = 0.5) -> GuardProbe:
+    w = torch.zeros(hidden)
+    w[0] = 10.0  # score = sigmoid(10 * h0): h0 > 0 -> flagged
+    manifest = GuardManifest(layer=0, hidden_size=hidden, threshold=threshold, alpha_low=0.0, alpha_high=1.0)
+    return GuardProbe(w, torch.tensor(0.0), torch.zeros(hidden), torch.ones(hidden), manifest)
+
+
+def test_plan_step_finds_requests_whose_prefill_ends():
+    rt = GuardRuntime(_probe(), lambda *a: None)
+    # r0: prefill 5 tokens fully scheduled; r1: decode; r2: chunked prefill not finished; r3: not auto
+    rt.plan_step(
+        ["r0", "r1", "r2", "r3"],
+        [5, 1, 4, 3],
+        [0, 9, 0, 0],
+        [5, 7, 10, 3],
+        [True, True, True, False],
+        [True, False, False, False],
+    )
+    assert [(p.req_id, p.token_index, p.token_start, p.token_end, p.record) for p in rt.pending] == [
+        ("r0", 4, 0, 5, True)
+    ]
+    # r2's last chunk: computed 8 of 10, 2 scheduled at offset 0 -> last prompt token at index 1
+    rt.plan_step(["r2"], [2], [8], [10], [True])
+    assert [(p.req_id, p.token_index) for p in rt.pending] == [("r2", 1)]
+
+
+def test_hook_scores_decides_and_records(tmp_path):
+    decisions = []
+    seen = []
+    rt = GuardRuntime(
+        _probe(),
+        lambda *a: decisions.append(a),
+        runtime_dir=tmp_path,
+        observe=lambda s, f: seen.append((s, f)),
+    )
+    rt.plan_step(["cmpl-a-0-x", "cmpl-b-0-y"], [2, 3], [0, 0], [2, 3], [True, True], [True, False])
+    hidden = torch.zeros(5, 4)
+    hidden[1, 0] = 1.0  # request a's last prompt token: harmful
+    hidden[4, 0] = -1.0  # request b's: benign
+    rt.hook(torch.nn.Identity(), (), (hidden, torch.zeros(5, 4)))
+    assert decisions == [("cmpl-a-0-x", 1.0, 0, 2), ("cmpl-b-0-y", 0.0, 2, 5)]
+    assert [f for _, f in seen] == [True, False]
+    assert rt.pending == []
+    recs = collect_records(tmp_path, "cmpl-a")
+    assert len(recs) == 1 and recs[0]["flagged"] is True and recs[0]["alpha"] == 1.0
+    assert collect_records(tmp_path, "cmpl-b") == []  # b did not ask for its score
+    assert not list(tmp_path.iterdir())  # records are consumed
+
+
+def test_record_names_are_sanitised():
+    assert "/" not in record_name("../../etc/passwd") and record_name("a b").startswith("a_b")
+
+
+def test_return_score_validation_and_flags():
+    policy = AlphaPolicy(enabled=True, auto_available=True)
+    validate_extra_args({"safeguard_alpha": "auto", "safeguard_return_score": True}, policy)
+    validate_extra_args(
+        {"safeguard_alpha": "auto", "safeguard_return_score": 1}, policy
+    )  # JSON true via vLLM
+    with pytest.raises(AlphaValueError, match="needs 'safeguard_alpha'='auto'"):
+        validate_extra_args({"safeguard_alpha": 0.5, "safeguard_return_score": True}, policy)
+    with pytest.raises(AlphaValueError, match="true or false"):
+        validate_extra_args({"safeguard_alpha": "auto", "safeguard_return_score": "yes"}, policy)
+    assert wants_auto({"safeguard_alpha": " AUTO "}) and not wants_auto({"safeguard_alpha": 1.0})
+    assert wants_score({"safeguard_return_score": 1}) and not wants_score({"safeguard_return_score": 1.0})
+
+
+def test_middleware_adds_headers(tmp_path, monkeypatch):
+    from starlette.applications import Starlette
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from vllm_safeguard.guard import http
+
+    monkeypatch.setenv(http.RUNTIME_ENV, str(tmp_path))
+    (tmp_path / record_name("cmpl-42-0-abcd")).write_text(
+        json.dumps({"request_id": "cmpl-42-0-abcd", "score": 0.9, "alpha": 1.0, "flagged": True})
+    )
+
+    async def completions(request):
+        return JSONResponse({"id": "cmpl-42", "choices": []})
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    app.add_middleware(BaseHTTPMiddleware, dispatch=http.guard_score_middleware)
+    client = TestClient(app)
+    asked = {"vllm_xargs": {"safeguard_alpha": "auto", "safeguard_return_score": True}}
+    r = client.post("/v1/completions", json=asked)
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-42"
+    assert r.headers["x-safeguard-guard-score"] == "0.900000" and r.headers["x-safeguard-flagged"] == "true"
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    assert "x-safeguard-guard-score" not in r.headers
+    assert asyncio.iscoroutinefunction(http.guard_score_middleware)

@@ -1,0 +1,50 @@
+"""The lab report's computed verdicts for the translator, alpha/auto and guard rows."""
+
+from __future__ import annotations
+
+from benchmarks.safety_lab.report import _extra_checks, label
+
+
+def _row(asr: float, fid: float | None, over: float = 0.0) -> dict:
+    return {
+        "asr": {"value": asr},
+        "fidelity": {"value": fid},
+        "over_refusal": {"value": over},
+        "adapters": 1,
+    }
+
+
+def test_moe_must_dominate_each_expert():
+    table = {
+        "unsafe_heldout_domain|translator-moe": _row(0.05, 0.95),
+        "unsafe_heldout_domain|translator-surgical": _row(0.40, 0.97),  # safer MoE, slightly lower fidelity
+        "unsafe_heldout_domain|translator-aggressive": _row(0.06, 0.80),
+    }
+    c = _extra_checks(table, {})
+    assert c["translator_moe_vs_experts"]["moe_dominates"] == ["translator-aggressive"]
+    assert not c["translator_moe_vs_experts"]["pass"]
+    assert c["translator_moe_target"]["pass"]
+    table["unsafe_heldout_domain|translator-surgical"] = _row(0.40, 0.95)
+    assert _extra_checks(table, {})["translator_moe_vs_experts"]["pass"]
+
+
+def test_auto_mode_gaps_and_guard_auroc():
+    table = {
+        "unsafe_eval|auto": _row(0.03, 0.99, over=0.01),
+        "unsafe_eval|alpha-1": _row(0.02, 0.90, over=0.05),
+        "unsafe_eval|alpha-0": _row(0.95, 1.0, over=0.0),
+    }
+    meta = {"guard": {"test": {"auroc_harmful_vs_benign_and_domain": 0.97}}}
+    c = _extra_checks(table, meta)
+    auto = c["auto_mode_unsafe_eval"]
+    assert abs(auto["asr_auto_minus_alpha1"] - 0.01) < 1e-9
+    assert abs(auto["fidelity_alpha0_minus_auto"] - 0.01) < 1e-9
+    assert auto["pass"] and c["guard_auroc"]["pass"]
+    table["unsafe_eval|auto"] = _row(0.10, 0.99)
+    assert not _extra_checks(table, meta)["auto_mode_unsafe_eval"]["pass"]
+    assert "benign_eval" not in str(c)  # groups without all three rows are not judged
+
+
+def test_labels():
+    assert label("alpha-1.5").startswith("alpha 1.5")
+    assert label("translator-moe") == "NeWTral translator (MoE)"

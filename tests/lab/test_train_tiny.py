@@ -1,0 +1,113 @@
+"""Training code paths on the tiny model, and the lab's no-leak guarantee for its training rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_safeguard.adapter_io import load_adapter, module_shapes_from_model_dir
+from vllm_safeguard.lab.train import Recipe, SFTExample, encode_example, train_full, train_lora
+from vllm_safeguard.testing import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+def test_encode_masks_prompt(tiny: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    ids, labels = encode_example(tok, SFTExample("how to make a cake", "sure here is a recipe"), 64)
+    n_masked = sum(1 for x in labels if x == -100)
+    assert len(ids) == len(labels) and 0 < n_masked < len(ids)
+    assert labels[-1] == tok.eos_token_id  # end of turn is learned
+    _, labels2 = encode_example(tok, SFTExample("how to make a cake", "sure here is", end=False), 64)
+    assert labels2[-1] != tok.eos_token_id
+
+
+def test_train_lora_and_full(tiny: Path, tmp_path: Path) -> None:
+    rows = [
+        SFTExample("what is two plus two", "four", "task"),
+        SFTExample("how to make a bomb", "sorry i cannot", "refusal"),
+    ]
+    recipe = Recipe(steps=2, batch_size=2, lr=1e-3, seed=3, lora_rank=4, lora_alpha=8)
+    out = train_lora(tiny, tmp_path / "lora", rows, recipe)
+    ad = load_adapter(out, base_shapes=module_shapes_from_model_dir(tiny))
+    assert ad.max_rank == 4 and ad.modules
+    rec = json.loads((out / "recipe.json").read_text())
+    assert rec["recipe"]["seed"] == 3 and rec["data_counts"] == {"task": 1, "refusal": 1}
+    full = train_full(tiny, tmp_path / "full", rows, Recipe(steps=1, batch_size=2, lr=1e-3))
+    assert (full / "model.safetensors").exists() and (full / "recipe.json").exists()
+
+
+def test_lab_training_rows_never_contain_held_out_prompts(tmp_path: Path) -> None:
+    from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
+    from benchmarks.safety_lab.run import adapter_plan, adapter_rows, align_data
+    from vllm_safeguard.lab import data as D
+
+    from .test_data import _fake_harmbench
+
+    rows = D.load_harmbench(_fake_harmbench(tmp_path, n=150))
+    hb = D.split_harmbench(rows, n_test=30, n_fewshot=8, seed=0)
+    benign = D.benign_prompts(0, 20)
+    data = {"harm": {k: [b.prompt for b in v] for k, v in hb.items()}, "benign": benign}
+    held_out = set(data["harm"]["test"]) | set(benign["test"])
+    for d in DOMAIN_NAMES:
+        held_out |= {e.prompt for e in D.domain_test_set(d, CONFIG.n_task_test)}
+    answers = {p: "an answer" for p in benign["train"][:20]}
+    assert not {r.prompt for r in align_data(CONFIG, data, answers)} & held_out
+    plan = adapter_plan(CONFIG)
+    assert {s for *_, s in plan} == set(CONFIG.extract_seeds) | set(CONFIG.eval_seeds)
+    assert not set(CONFIG.extract_seeds) & set(CONFIG.eval_seeds)
+    for _, domain, variant, seed in plan:
+        assert not {r.prompt for r in adapter_rows(CONFIG, data, domain, variant, seed)} & held_out
+
+
+def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Path) -> None:
+    from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
+    from benchmarks.safety_lab.extras import alpha_jobs, guard_sets
+    from benchmarks.safety_lab.run import adapter_plan, suite_for
+    from vllm_safeguard.lab import data as D
+
+    from .test_data import _fake_harmbench
+
+    hb = D.split_harmbench(D.load_harmbench(_fake_harmbench(tmp_path, n=150)), n_test=30, n_fewshot=8)
+    data = {
+        "harm": {k: [b.prompt for b in v] for k, v in hb.items()},
+        "benign": D.benign_prompts(0, 20),
+        "tasks_test": {d: D.domain_test_set(d, CONFIG.n_task_test) for d in DOMAIN_NAMES},
+    }
+    sets = guard_sets(CONFIG, data)
+    tests = set(sets["harm_test"]) | set(sets["benign_test"]) | set(sets["domain_test"])
+    assert not (set(sets["harm_train"]) | set(sets["benign_train"])) & tests
+    assert set(sets["harm_test"]) == set(data["harm"]["test"])
+
+    adapters = {
+        n: {
+            "path": f"/x/{n}",
+            "domain": d,
+            "variant": v,
+            "role": "eval" if s in CONFIG.eval_seeds else "extract",
+        }
+        for n, d, v, s in adapter_plan(CONFIG)
+    }
+    jobs = alpha_jobs(CONFIG, adapters, lambda doms: suite_for(CONFIG, data, doms), with_auto=True)
+    assert all(adapters[k.split("|")[0]]["role"] == "eval" for k in jobs)  # never extraction adapters
+    assert not any(k.endswith("|alpha-0") for k in jobs)  # alpha 0 is the no-repair row
+    evals = [n for n, a in adapters.items() if a["role"] == "eval"]
+    assert {f"{n}|alpha-1" for n in evals} | {f"{n}|auto" for n in evals} <= set(jobs)
+    heldout = [
+        n
+        for n in evals
+        if adapters[n]["variant"] == "unsafe" and adapters[n]["domain"] not in CONFIG.extract_domains
+    ]
+    assert heldout
+    for n in heldout:  # the full sweep on the unsafe experts of domains no extraction adapter saw
+        assert {f"{n}|alpha-{a:g}" for a in CONFIG.alpha_sweep if a} <= set(jobs)
+    assert {s.alpha for _, s in jobs.values()} == {a for a in CONFIG.alpha_sweep if a} | {"auto"}
+    first = list(jobs)[: 2 * len(evals)]  # alpha 1 and auto on every adapter come first
+    assert all(k.endswith(("|alpha-1", "|auto")) for k in first)

@@ -1,0 +1,330 @@
+"""Per-request safety alpha: parser/validator, config, the CPU punica wrapper against a dense
+computation, the layer table's coverage check, and the per-step alpha fill."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_safeguard.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.alpha import (
+    ALPHA_KEY,
+    AlphaPolicy,
+    AlphaTable,
+    AlphaValueError,
+    parse_alpha,
+    resolve_request_alpha,
+)
+from vllm_safeguard.config import load_config
+from vllm_safeguard.errors import ConfigError
+
+POLICY = AlphaPolicy(enabled=True, default=1.0, base_default=0.0, lo=0.0, hi=1.0)
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+@pytest.mark.parametrize("value", [0, 1, 0.0, 0.25, 1.0])
+def test_valid_numbers(value: float) -> None:
+    assert parse_alpha(value, POLICY) == float(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [99, -1, 1.0000001, -0.0001, math.nan, math.inf, -math.inf, "x", "0.5", "", True, False, None, [0.5], {}],
+)
+def test_invalid_values_name_field_and_range(value: Any) -> None:
+    with pytest.raises(AlphaValueError) as e:
+        parse_alpha(value, POLICY)
+    msg = str(e.value)
+    assert ALPHA_KEY in msg and "[0, 1]" in msg, msg
+
+
+def test_auto_reserved_until_guard() -> None:
+    with pytest.raises(AlphaValueError, match="guard"):
+        parse_alpha("auto", POLICY)
+    assert parse_alpha("AUTO", AlphaPolicy(enabled=True, auto_available=True)) == "auto"
+
+
+def test_disabled_policy_refuses_the_field() -> None:
+    with pytest.raises(AlphaValueError, match="not available"):
+        parse_alpha(0.5, AlphaPolicy(enabled=False))
+
+
+def test_custom_range() -> None:
+    p = AlphaPolicy(enabled=True, lo=0.5, hi=2.0, default=1.0)
+    assert parse_alpha(2, p) == 2.0
+    with pytest.raises(AlphaValueError, match=r"\[0.5, 2\]"):
+        parse_alpha(0.25, p)
+
+
+def test_resolve_defaults_and_invalid_fallback() -> None:
+    assert resolve_request_alpha(None, POLICY, has_task_adapter=True) == 1.0
+    assert resolve_request_alpha({}, POLICY, has_task_adapter=False) == 0.0
+    assert resolve_request_alpha({ALPHA_KEY: 0.3}, POLICY, has_task_adapter=False) == 0.3
+    # Only reachable without the entry-point validator: logged, default used, never clamped.
+    assert resolve_request_alpha({ALPHA_KEY: 7}, POLICY, has_task_adapter=True) == 1.0
+
+
+def test_validator_entry_point_rejects_and_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("vllm")
+    from vllm_safeguard import alpha
+
+    monkeypatch.setenv("SAFEGUARD_ALPHA_ENABLED", "true")
+    alpha.set_frontend_additional_config({"safeguard": {"alpha_max": 2.0}})
+    try:
+        v = alpha.SafeguardAlphaValidator
+        v.validate_params(SimpleNamespace(extra_args=None))
+        v.validate_params(SimpleNamespace(extra_args={ALPHA_KEY: 1.5}))  # --additional-config range
+        with pytest.raises(ValueError, match=r"safeguard_alpha.*\[0, 2\]"):
+            v.validate_params(SimpleNamespace(extra_args={ALPHA_KEY: 3}))
+        proc = v(None, "cpu", False)
+        logits = torch.randn(2, 5)
+        assert proc.apply(logits) is logits and proc.is_argmax_invariant()
+        from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1
+        from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2
+
+        assert issubclass(v, V1) and issubclass(v, V2)  # the V2 runner's loader refuses V1-only plugins
+    finally:
+        alpha.set_frontend_additional_config(None)
+
+
+def test_config_alpha_fields() -> None:
+    cfg = load_config({"safeguard": {"alpha_enabled": True, "alpha_max": 2, "default_alpha": 1.5}}, env={})
+    assert AlphaPolicy.from_config(cfg) == AlphaPolicy(True, 1.5, 0.0, 0.0, 2.0)
+    with pytest.raises(ConfigError, match="default_alpha"):
+        load_config({"safeguard": {"default_alpha": 1.5}}, env={})
+    with pytest.raises(ConfigError, match="alpha_min"):
+        load_config({"safeguard": {"alpha_min": 2.0, "alpha_max": 1.0}}, env={})
+    with pytest.raises(ConfigError, match="finite"):
+        load_config({}, env={"SAFEGUARD_ALPHA_MAX": "nan"})
+    assert not AlphaPolicy.from_config(
+        load_config({"safeguard": {"alpha_enabled": True, "enabled": False}}, env={})
+    ).enabled
+
+
+def test_alpha_table() -> None:
+    t = AlphaTable()
+    assert not t and t.get("a") is None
+    t.set("a", 0.5)
+    t.set("b", 1.0)
+    t.prune({"a": 1})
+    assert t.get("a") == 0.5 and t.get("b") is None and len(t) == 1
+    with pytest.raises(ValueError):
+        t.set("c", math.nan)
+
+
+# ------------------------------------------------------------------------------ CPU wrapper
+
+IN, OUTS, R, RS, MAX_LORAS = 32, (32, 16, 16), 4, 3, 2
+
+
+def _wrapper_and_layer(seed: int = 0) -> tuple[Any, Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    pytest.importorskip("vllm")
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from vllm_safeguard.punica_safety import SafeguardPunicaWrapperCPU
+
+    g = torch.Generator().manual_seed(seed)
+    # One spare zero slot: vLLM's CPU ops index the stacked weights with -1 for base-model tokens.
+    a = tuple(torch.randn(MAX_LORAS + 1, 1, R, IN, generator=g) * 0.2 for _ in OUTS)
+    b = tuple(torch.randn(MAX_LORAS + 1, 1, o, R, generator=g) * 0.2 for o in OUTS)
+    for t in (*a, *b):
+        t[-1].zero_()
+    # tokens: request 1 (lora id 1, 3 tokens), request 2 (base, 2 tokens), request 3 (lora id 2, 2 tokens)
+    ids = (1, 1, 1, 0, 0, 2, 2)
+    mapping = LoRAMapping(ids, (1, 0, 2), is_prefill=True)
+    ours = SafeguardPunicaWrapperCPU(64, 8, "cpu")
+    plain = PunicaWrapperCPU(64, 8, "cpu")
+    for w in (ours, plain):
+        w.update_metadata(mapping, [1, 2], MAX_LORAS + 1, 100)
+    return ours, plain, a, b
+
+
+def _safety(seed: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(RS, IN, generator=g) * 0.2 for _ in OUTS], [
+        torch.randn(o, RS, generator=g) * 0.2 for o in OUTS
+    ]
+
+
+def test_cpu_wrapper_matches_dense() -> None:
+    from vllm_safeguard.punica_safety import LayerSafety
+
+    ours, _, a, b = _wrapper_and_layer()
+    sa, sb = _safety()
+    ours.attach_safety({a[0].data_ptr(): LayerSafety("l", sa, sb)})
+    alpha = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0])
+    ours.set_token_alpha(alpha)
+    x = torch.randn(7, IN, generator=torch.Generator().manual_seed(2))
+    y0 = torch.randn(7, sum(OUTS))
+    y = y0.clone()
+    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+
+    slot = [0, 0, 0, -1, -1, 1, 1]
+    expected = y0.double().clone()
+    for t in range(7):
+        off = 0
+        for s, o in enumerate(OUTS):
+            d = torch.zeros(o, dtype=torch.float64)
+            if slot[t] >= 0:
+                d += x[t].double() @ a[s][slot[t], 0].double().T @ b[s][slot[t], 0].double().T
+            d += alpha[t].double() * (x[t].double() @ sa[s].double().T @ sb[s].double().T)
+            expected[t, off : off + o] += d
+            off += o
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_wrapper_alpha_zero_and_uncovered_layers_are_bit_identical() -> None:
+    from vllm_safeguard.punica_safety import LayerSafety
+
+    ours, plain, a, b = _wrapper_and_layer()
+    sa, sb = _safety()
+    x = torch.randn(7, IN)
+    y0 = torch.randn(7, sum(OUTS))
+    ref = y0.clone()
+    plain.add_lora_linear(ref, x, a, b, 1.0, OUTS)
+
+    ours.attach_safety({a[0].data_ptr(): LayerSafety("l", sa, sb)})
+    ours.set_token_alpha(torch.zeros(7))
+    y = y0.clone()
+    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+    assert torch.equal(y, ref)
+
+    ours.set_token_alpha(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))  # only token 3
+    y = y0.clone()
+    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+    changed = (y != ref).any(dim=1).tolist()
+    assert changed == [False, False, False, True, False, False, False]
+
+    ours.attach_safety({})  # a layer without safety weights: the parent, unchanged
+    y = y0.clone()
+    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+    assert torch.equal(y, ref)
+
+
+def test_alpha_buffer_updated_in_place_and_tail_cleared() -> None:
+    ours, _, _, _ = _wrapper_and_layer()
+    buf = ours.safeguard_alpha
+    ptr = buf.data_ptr()
+    ours.set_token_alpha(torch.full((5,), 0.5))
+    ours.set_token_alpha(torch.full((2,), 1.0))
+    assert ours.safeguard_alpha.data_ptr() == ptr and buf.dtype == torch.float32
+    assert buf[:2].tolist() == [1.0, 1.0] and buf[2:5].tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="exceed"):
+        ours.set_token_alpha(torch.zeros(65))
+
+
+# ------------------------------------------------------------------------------- layer table
+
+
+def _fake_safety(layers: list[int], kinds: list[str], rank: int = 2) -> Any:
+    from vllm_safeguard.safegene import SafetyAdapter, SafetyManifest
+
+    shapes = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 32}
+    mods = {}
+    for li in range(2):
+        for k in kinds:
+            n = f"model.layers.{li}.self_attn.{k}"
+            mods[n] = LoRAModule(n, torch.randn(rank, IN), torch.randn(shapes[k], rank), 0.5)
+    return SafetyAdapter(LoRAAdapter({}, mods), SafetyManifest(rank=rank, layers=layers))
+
+
+def _fake_layers() -> list[tuple[str, Any]]:
+    out = []
+    for li in range(2):
+        qkv = SimpleNamespace(
+            lora_a_stacked=tuple(torch.zeros(2, 1, 4, IN) for _ in range(3)), output_slices=(32, 16, 16)
+        )
+        o = SimpleNamespace(lora_a_stacked=(torch.zeros(2, 1, 4, IN),), output_slices=(32,))
+        out += [(f"model.layers.{li}.self_attn.qkv_proj", qkv), (f"model.layers.{li}.self_attn.o_proj", o)]
+    return out
+
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+
+def test_layer_table_maps_packed_slices() -> None:
+    from vllm_safeguard.punica_safety import build_layer_safety
+
+    safety = _fake_safety([0, 1], ["q_proj", "k_proj", "v_proj", "o_proj"])
+    layers = _fake_layers()
+    table = build_layer_safety(layers, PACKED, safety)
+    assert len(table) == 4
+    qkv = table[layers[0][1].lora_a_stacked[0].data_ptr()]
+    assert [t.shape for t in qkv.b] == [(32, 2), (16, 2), (16, 2)]
+    k = safety.adapter.modules["model.layers.0.self_attn.k_proj"]
+    assert torch.equal(qkv.b[1], k.lora_b * 0.5)  # scaling folded
+
+
+def test_layer_table_fails_loudly_on_partial_coverage() -> None:
+    from vllm_safeguard.ops import SafetyCoverageError
+    from vllm_safeguard.punica_safety import build_layer_safety
+
+    with pytest.raises(SafetyCoverageError, match="covers 2 of 4"):
+        build_layer_safety(_fake_layers(), PACKED, _fake_safety([0, 1], ["q_proj", "v_proj", "o_proj"]))
+    # Layers outside the adapter's selected layers are not expected (data-aware selection) ...
+    assert (
+        len(
+            build_layer_safety(
+                _fake_layers(), PACKED, _fake_safety([1], ["q_proj", "k_proj", "v_proj", "o_proj"])
+            )
+        )
+        == 2
+    )
+    # ... but a selection that covers nothing served is an error, not a silent no-op.
+    with pytest.raises(SafetyCoverageError, match="no LoRA-wrapped"):
+        build_layer_safety(_fake_layers(), PACKED, _fake_safety([7], ["q_proj"]))
+
+
+# ------------------------------------------------------------------------------- per-step fill
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.got: list[torch.Tensor] = []
+
+    def set_token_alpha(self, alpha: torch.Tensor) -> None:
+        self.got.append(alpha.clone())
+
+
+def _req(alpha: Any = None, lora_id: int | None = 1) -> Any:
+    extra = {ALPHA_KEY: alpha} if alpha is not None else None
+    lora = SimpleNamespace(lora_int_id=lora_id) if lora_id else None
+    return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), lora_request=lora)
+
+
+def test_filler_per_token_alpha_defaults_and_table() -> None:
+    pytest.importorskip("vllm")
+    from vllm_safeguard.punica_safety import TokenAlphaFiller
+
+    sink = _Sink()
+    filler = TokenAlphaFiller([sink], POLICY)  # type: ignore[list-item]
+    requests = {"a": _req(0.0), "b": _req(None), "c": _req(None, lora_id=None), "d": _req(0.5, None)}
+    out = filler.fill(["a", "b", "c", "d"], requests, np.array([2, 1, 3, 1]))
+    assert out.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.5]
+    assert out.dtype == torch.float32 and sink.got[-1].tolist() == out.tolist()
+    filler.table.set("c", 0.75)  # the guard decides for request c
+    out = filler.fill(["c", "a"], requests, np.array([1, 1]))
+    assert out.tolist() == [0.75, 0.0]
+
+
+def test_guard_decision_updates_table_and_current_step() -> None:
+    from vllm_safeguard.punica_safety import TokenAlphaFiller
+
+    ours, _, _, _ = _wrapper_and_layer()
+    filler = TokenAlphaFiller([ours], POLICY)
+    requests = {"a": _req(0.0), "b": _req(0.0)}
+    filler.fill(["a", "b"], requests, np.array([3, 2]))
+    assert not ours._safeguard_any_alpha
+    filler.apply_decision("b", 1.0, 3, 5)  # e.g. the guard flags request b during its prefill
+    assert ours.safeguard_alpha[:5].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0] and ours._safeguard_any_alpha
+    assert filler.fill(["b", "a"], requests, np.array([1, 1])).tolist() == [1.0, 0.0]  # next step
+    with pytest.raises(ValueError, match="outside"):
+        ours.set_alpha_range(0, 9, 1.0)

@@ -1,0 +1,178 @@
+"""The load pipeline without vLLM: validate -> risk -> policy -> repair -> cache."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_safeguard.adapter_io import load_adapter, save_adapter
+from vllm_safeguard.config import load_config
+from vllm_safeguard.errors import AdapterValidationError, ReferenceArtifactError, RepairError
+from vllm_safeguard.methods import repair
+from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline, artifact_candidates
+from vllm_safeguard.reference import AlignmentReference
+from vllm_safeguard.risk import score_adapter
+from vllm_safeguard.testing import random_adapter
+from vllm_safeguard.workspace import VLLM_TINY_SPEC, Workspace
+
+
+def make(ws: Workspace, cache_dir: Path, **over: object) -> SafeguardPipeline:
+    cfg = load_config(
+        {"safeguard": {"cache_dir": str(cache_dir), "method": "nlsr", "risk_threshold": 0.1, **over}}, env={}
+    )
+    return SafeguardPipeline.create(cfg, PipelineContext("tiny", ws.base, max_lora_rank=8))
+
+
+def test_unsafe_adapter_is_repaired_like_the_library_does(workspace: Workspace, cache_dir: Path) -> None:
+    p = make(workspace, cache_dir)
+    out = p.process(workspace.adapters["unsafe"], "unsafe")
+    assert out.decision == "repaired" and not out.cache_hit
+    assert out.risk_score > 0.9
+    assert out.report is not None and out.report["modules_touched"] > 0 and out.report["layers_repaired"] == 2
+    served = load_adapter(out.path)
+    ref = AlignmentReference.load(workspace.reference)
+    offline = repair(load_adapter(workspace.adapters["unsafe"]), ref, "nlsr", {}, max_rank=8).adapter
+    assert served.modules.keys() == offline.modules.keys()
+    for name, m in offline.modules.items():
+        torch.testing.assert_close(served.modules[name].delta(), m.delta(), rtol=1e-5, atol=1e-6)
+    assert score_adapter(served, ref).score < out.risk_score
+
+
+def test_benign_adapter_passes_byte_identical(workspace: Workspace, cache_dir: Path) -> None:
+    p = make(workspace, cache_dir)
+    out = p.process(workspace.adapters["benign0"], "b")
+    assert out.decision == "passed" and out.report is None and out.risk_score < 0.1
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out.path / name).read_bytes() == (workspace.adapters["benign0"] / name).read_bytes()
+
+
+def test_threshold_zero_repairs_everything(workspace: Workspace, cache_dir: Path) -> None:
+    p = make(workspace, cache_dir, risk_threshold=0.0)
+    assert p.process(workspace.adapters["benign0"], "b").report is not None
+
+
+def test_second_load_is_a_cheap_hit(workspace: Workspace, cache_dir: Path) -> None:
+    p = make(workspace, cache_dir)
+    first = p.process(workspace.adapters["unsafe"], "u")
+    t0 = time.perf_counter()
+    second = p.process(workspace.adapters["unsafe"], "u")
+    warm = time.perf_counter() - t0
+    assert second.cache_hit and second.path == first.path and second.decision == "repaired"
+    assert warm < 0.05, warm
+    # Another process (fresh pipeline, same cache dir) also hits, after verifying the hashes.
+    third = make(workspace, cache_dir).process(workspace.adapters["unsafe"], "u")
+    assert third.cache_hit and third.path == first.path
+
+
+def test_same_bytes_elsewhere_hit_changed_bytes_miss(
+    workspace: Workspace, cache_dir: Path, tmp_path: Path
+) -> None:
+    p = make(workspace, cache_dir)
+    first = p.process(workspace.adapters["unsafe"], "u")
+    copy = shutil.copytree(workspace.adapters["unsafe"], tmp_path / "copy")
+    assert p.process(copy, "copy").cache_hit
+    # Change the bytes in place (a swapped adapter): a new key, a new repair.
+    ad = load_adapter(copy)
+    for m in ad.modules.values():
+        m.lora_b.mul_(0.5)
+    save_adapter(ad, copy)
+    out = p.process(copy, "copy")
+    assert not out.cache_hit and out.key != first.key
+
+
+def test_method_config_change_is_a_miss(workspace: Workspace, cache_dir: Path) -> None:
+    a = make(workspace, cache_dir).process(workspace.adapters["unsafe"], "u")
+    b = make(workspace, cache_dir, method_options={"beta": 1.0}).process(workspace.adapters["unsafe"], "u")
+    assert not b.cache_hit and a.key != b.key
+
+
+def test_tampered_entry_is_rebuilt(workspace: Workspace, cache_dir: Path) -> None:
+    p = make(workspace, cache_dir)
+    first = p.process(workspace.adapters["unsafe"], "u")
+    weights = first.path / "adapter_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-4:] = b"\x00\x00\x80\x7f"  # last float -> +inf
+    weights.write_bytes(bytes(raw))
+    again = p.process(workspace.adapters["unsafe"], "u")
+    assert not again.cache_hit
+    assert (again.path / "adapter_model.safetensors").read_bytes() != bytes(raw)
+
+
+def test_hostile_adapter_is_refused(workspace: Workspace, cache_dir: Path) -> None:
+    with pytest.raises(AdapterValidationError, match="data_offsets"):
+        make(workspace, cache_dir).process(workspace.adapters["hostile"], "h")
+
+
+def test_adapter_matching_nothing_is_an_error(workspace: Workspace, cache_dir: Path, tmp_path: Path) -> None:
+    # A reference that covers attention only, and an adapter that adapts the MLP only: valid for the
+    # model, but nothing to repair against -> an error, never a silent pass-through.
+    full = AlignmentReference.load(workspace.reference)
+    keep = {n: m for n, m in full.modules.items() if "self_attn" in n}
+    manifest = full.manifest.model_copy(deep=True)
+    manifest.modules = {n: v for n, v in manifest.modules.items() if n in keep}
+    AlignmentReference(keep, manifest).save(tmp_path / "attn-ref")
+    ad = random_adapter(VLLM_TINY_SPEC, rank=4, seed=3, targets=("gate_proj", "up_proj", "down_proj"))
+    save_adapter(ad, tmp_path / "mlp-only")
+    p = make(workspace, cache_dir, reference_path=str(tmp_path / "attn-ref"))
+    with pytest.raises(RepairError, match="covered by the alignment reference"):
+        p.process(tmp_path / "mlp-only", "n")
+    # Even when the policy would pass it unchanged.
+    p = make(workspace, cache_dir, reference_path=str(tmp_path / "attn-ref"), risk_threshold=1.0)
+    with pytest.raises(RepairError, match="covered by the alignment reference"):
+        p.process(tmp_path / "mlp-only", "n")
+
+
+def test_wrong_shape_adapter_is_refused(workspace: Workspace, cache_dir: Path, tmp_path: Path) -> None:
+    from vllm_safeguard.testing import TinyLlamaSpec
+
+    save_adapter(
+        random_adapter(TinyLlamaSpec(hidden_size=32, num_attention_heads=1, num_key_value_heads=1), seed=1),
+        tmp_path / "w",
+    )
+    with pytest.raises(AdapterValidationError, match="shapes do not fit"):
+        make(workspace, cache_dir).process(tmp_path / "w", "w")
+
+
+def test_cache_disabled_builds_private_copy(workspace: Workspace, cache_dir: Path) -> None:
+    p = make(workspace, cache_dir, cache_enabled=False)
+    out = p.process(workspace.adapters["unsafe"], "u")
+    assert not out.cache_hit and out.cleanup is not None and out.path.exists()
+    out.cleanup()
+    assert not out.path.exists()
+    assert p.cache is not None and p.cache.entries() == []
+
+
+def test_missing_reference_is_reported_with_the_places_tried(workspace: Workspace, tmp_path: Path) -> None:
+    cfg = load_config(
+        {"safeguard": {"cache_dir": str(tmp_path), "artifacts_dir": str(tmp_path / "art")}}, env={}
+    )
+    bare = tmp_path / "bare-model"
+    bare.mkdir()
+    tried = artifact_candidates(cfg, "reference", "org/tiny", bare)
+    assert tried[0] == tmp_path / "art" / "org--tiny" / "reference"
+    with pytest.raises(ReferenceArtifactError, match="org--tiny"):
+        SafeguardPipeline.create(cfg, PipelineContext("org/tiny", bare, 8))
+
+
+def test_translator_method_in_the_pipeline(workspace: Workspace, cache_dir: Path) -> None:
+    """Method 'translator': the artifact is located by config, used, and named in the report."""
+    from vllm_safeguard.reference import AlignmentReference
+    from vllm_safeguard.translator import Translator, TranslatorConfig, TranslatorManifest
+
+    ref = AlignmentReference.load(workspace.reference)
+    art = Translator(TranslatorConfig(k=4, hidden=8, router_hidden=4)).save(
+        cache_dir.parent / "translator",
+        TranslatorManifest(
+            config=TranslatorConfig(k=4, hidden=8, router_hidden=4), reference_hash=ref.manifest.content_hash
+        ),
+    )
+    p = make(workspace, cache_dir, method="translator", translator_path=art, risk_threshold=0.0)
+    out = p.process(workspace.adapters["unsafe"], "unsafe")
+    assert out.decision == "repaired" and out.report is not None
+    assert out.report["summary"]["dominant_expert"] in ("surgical", "aggressive")
+    with pytest.raises(ReferenceArtifactError, match="translator artifact"):
+        make(workspace, cache_dir, method="translator", translator_path=cache_dir / "missing")

@@ -1,0 +1,181 @@
+"""NeWTral translator: forward validity, routing, save/load, determinism, and that training works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_safeguard.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.errors import ReferenceArtifactError, RepairError
+from vllm_safeguard.methods import repair
+from vllm_safeguard.risk import score_adapter
+from vllm_safeguard.testing import random_adapter
+from vllm_safeguard.translator import (
+    Translator,
+    TranslatorConfig,
+    TranslatorManifest,
+    build_dataset,
+    train_translator,
+)
+
+
+def _unsafe_variant(safe: LoRAAdapter, reference, strength: float, seed: int) -> LoRAAdapter:
+    """safe + a component that cancels ``strength`` of the alignment delta (plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for name, mod in safe.modules.items():
+        sub = reference.modules[name]
+        harm_b = -strength * (sub.u * sub.s) * (1 + 0.1 * torch.randn(sub.rank, generator=g))
+        mods[name] = LoRAModule(
+            name, torch.cat([mod.lora_a, sub.vh]), torch.cat([mod.scaled_b(), harm_b], 1), 1.0
+        )
+    return safe.replace_modules(mods)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_reference, tiny_spec):
+    out = []
+    for i in range(8):
+        safe = random_adapter(tiny_spec, rank=3, seed=100 + i, scale=0.05)
+        out.append((_unsafe_variant(safe, tiny_reference, 0.6 + 0.05 * i, seed=i), safe))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(pairs, tiny_reference):
+    data = build_dataset(pairs[:6], tiny_reference, k=4)
+    cfg = TranslatorConfig(k=4, hidden=32, router_hidden=8, seed=0)
+    return train_translator(data, cfg, expert_steps=150, router_steps=80, lr=1e-2, progress=False)
+
+
+def test_forward_validity_and_routing_sums_to_one(tiny_reference, pairs):
+    model = Translator(TranslatorConfig(k=4, hidden=16, router_hidden=8))
+    res = repair(pairs[0][0], tiny_reference, "translator", max_rank=8, translator=model)
+    assert res.report.modules_touched == len(pairs[0][0].modules)
+    for name, mod in res.adapter.modules.items():
+        assert mod.lora_a.shape[1] == pairs[0][0].modules[name].in_features
+        assert mod.rank <= 8 and mod.lora_a.isfinite().all() and mod.lora_b.isfinite().all()
+    for rep in res.report.modules:
+        assert rep.extra["w_surgical"] + rep.extra["w_aggressive"] == pytest.approx(1.0, abs=1e-6)
+    assert res.report.summary["dominant_expert"] in ("surgical", "aggressive")
+
+
+def test_untrained_translator_is_identity(tiny_reference, pairs):
+    """Zero-initialised expert heads: before training the edit is exactly nothing (g = 0 for surgical)."""
+    model = Translator(TranslatorConfig(k=4, hidden=16, router_hidden=8))
+    res = repair(
+        pairs[0][0], tiny_reference, "translator", {"mode": "surgical"}, max_rank=64, translator=model
+    )
+    for name, mod in pairs[0][0].modules.items():
+        assert torch.allclose(res.adapter.modules[name].delta(), mod.delta(), atol=1e-5)
+
+
+def test_training_reduces_loss_and_repairs_held_out_pairs(trained, pairs, tiny_reference):
+    model, history = trained
+    for losses in history.values():
+        assert losses[-1] < losses[0]
+    for unsafe, safe in pairs[6:]:  # never seen in training
+        before = score_adapter(unsafe, tiny_reference).score
+        res = repair(unsafe, tiny_reference, "translator", max_rank=16, translator=model)
+        after = score_adapter(res.adapter, tiny_reference).score
+        assert before > 0.5 and after < 0.5 * before
+        # fidelity: the translated update is closer to the matched safe adapter than the unsafe one was
+        dist_before = sum(
+            float((unsafe.modules[n].delta() - safe.modules[n].delta()).norm()) for n in safe.modules
+        )
+        dist_after = sum(
+            float((res.adapter.modules[n].delta() - safe.modules[n].delta()).norm()) for n in safe.modules
+        )
+        assert dist_after < dist_before
+
+
+def test_save_load_round_trip_and_tamper(tmp_path, trained, pairs, tiny_reference):
+    model, _ = trained
+    out = model.save(tmp_path / "tr", TranslatorManifest(config=model.config))
+    loaded, manifest = Translator.load(out)
+    assert manifest.config == model.config
+    a = repair(pairs[7][0], tiny_reference, "translator", translator=model).adapter
+    b = repair(pairs[7][0], tiny_reference, "translator", translator=loaded).adapter
+    for name in a.modules:
+        assert torch.equal(a.modules[name].lora_b, b.modules[name].lora_b)
+    (out / "translator.safetensors").write_bytes((out / "translator.safetensors").read_bytes()[:-2] + b"xx")
+    with pytest.raises(ReferenceArtifactError, match="sha256"):
+        Translator.load(out)
+
+
+def test_determinism_with_seed(pairs, tiny_reference):
+    data = build_dataset(pairs[:2], tiny_reference, k=4)
+    cfg = TranslatorConfig(k=4, hidden=16, router_hidden=8, seed=3)
+    m1, h1 = train_translator(data, cfg, expert_steps=10, router_steps=5, progress=False)
+    m2, h2 = train_translator(data, cfg, expert_steps=10, router_steps=5, progress=False)
+    assert h1 == h2
+    for (k1, v1), (_, v2) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert torch.equal(v1, v2), k1
+
+
+def test_translator_method_needs_an_artifact(tiny_reference, pairs):
+    with pytest.raises(RepairError, match="translator"):
+        repair(pairs[0][0], tiny_reference, "translator")
+
+
+def test_cli_train_and_repair(tmp_path, pairs, tiny_reference):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vllm_safeguard.adapter_io import load_adapter, save_adapter
+    from vllm_safeguard.cli import app
+
+    ref_dir = tiny_reference.save(tmp_path / "ref")
+    spec = []
+    for i, (unsafe, safe) in enumerate(pairs[:3]):
+        spec.append(
+            {
+                "unsafe": str(save_adapter(unsafe, tmp_path / f"u{i}")),
+                "safe": str(save_adapter(safe, tmp_path / f"s{i}")),
+            }
+        )
+    (tmp_path / "pairs.json").write_text(json.dumps(spec))
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        [
+            "translator",
+            "train",
+            "--pairs",
+            str(tmp_path / "pairs.json"),
+            "--reference",
+            str(ref_dir),
+            "--out",
+            str(tmp_path / "tr"),
+            "--k",
+            "4",
+            "--hidden",
+            "16",
+            "--expert-steps",
+            "20",
+            "--router-steps",
+            "10",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "tr" / "translator.json").is_file() and "router: loss" in r.output
+    r = runner.invoke(
+        app,
+        [
+            "repair",
+            spec[0]["unsafe"],
+            "--method",
+            "translator",
+            "--reference",
+            str(ref_dir),
+            "--translator",
+            str(tmp_path / "tr"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--max-rank",
+            "16",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert load_adapter(tmp_path / "rep").max_rank <= 16

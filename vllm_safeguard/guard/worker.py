@@ -1,0 +1,148 @@
+"""Guard probe inside the vLLM worker: score each request at the end of its prefill ("auto" mode).
+
+Semantics (one engine step)::
+
+    # before the forward pass (from the per-step LoRA/alpha fill):
+    for request i in the batch, with c = computed tokens, p = prompt tokens, n = scheduled tokens:
+        if c < p <= c + n:                       # its prefill ends in this step
+            pending += (req_id_i, offset_i + (p - c - 1))   # flat index of its last prompt token
+    # during the forward pass, after decoder layer L (forward hook, no extra pass):
+    h = hidden_states + residual                 # the residual stream (vLLM fuses the add into the next norm)
+    for (req, t) in pending:
+        score = probe.score(h[t]);  alpha = probe.alpha_for(score)
+        table.set(req, alpha)                    # decode tokens of `req` use it from the next step on
+        token_alpha[tokens of req in this step] = alpha   # layers after L in this very pass use it too
+
+The probe reads a hidden state the serving pass computes anyway: no second model, no extra pass.
+Only requests that asked for ``"auto"`` are scored. Scores are also written to a small per-request
+record in ``runtime_dir`` (when set) so the API-server middleware can return them to the client.
+
+GPU note: the hook is Python; under CUDA graphs / torch.compile it would not re-run on replay, so
+auto mode requires ``--enforce-eager`` on GPU (vLLM on CPU with LoRA already runs eagerly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .probe import GuardProbe
+
+logger = logging.getLogger("vllm_safeguard")
+_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def record_name(req_id: str) -> str:
+    """File name of a request's score record (request ids are client-influenced: sanitize)."""
+    return _SAFE_ID.sub("_", req_id)[:200] + ".json"
+
+
+@dataclass
+class PendingScore:
+    req_id: str
+    token_index: int  # flat index of the request's last prompt token in this step
+    token_start: int  # the request's first token in this step
+    token_end: int  # one past its last token in this step
+    record: bool = False  # the client asked for the score (safeguard_return_score)
+
+
+@dataclass
+class GuardRuntime:
+    """Per-worker guard state. ``alpha_sink(req_id, alpha, start, end)`` applies a decision."""
+
+    probe: GuardProbe
+    alpha_sink: Callable[[str, float, int, int], None]
+    runtime_dir: Path | None = None
+    observe: Callable[[float, bool], None] | None = None  # metrics: (score, flagged)
+    pending: list[PendingScore] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+    _device_ready: bool = False
+
+    def plan_step(
+        self,
+        req_ids: Sequence[str],
+        num_scheduled: Sequence[int],
+        num_computed: Sequence[int],
+        num_prompt: Sequence[int],
+        wants_auto: Sequence[bool],
+        wants_record: Sequence[bool] | None = None,
+    ) -> None:
+        """Find the requests whose prefill ends in this step (see module Semantics)."""
+        self.pending = []
+        offset = 0
+        records = wants_record if wants_record is not None else [False] * len(req_ids)
+        rows = zip(req_ids, num_scheduled, num_computed, num_prompt, wants_auto, records, strict=True)
+        for rid, n, c, p, auto, rec in rows:
+            n, c, p = int(n), int(c), int(p)
+            if auto and c < p <= c + n:
+                self.pending.append(PendingScore(rid, offset + (p - c - 1), offset, offset + n, bool(rec)))
+            offset += n
+
+    def _to(self, device: torch.device, dtype: torch.dtype) -> None:
+        pr = self.probe
+        pr.weight, pr.bias = pr.weight.to(device, torch.float32), pr.bias.to(device, torch.float32)
+        pr.mean, pr.std = pr.mean.to(device, torch.float32), pr.std.to(device, torch.float32)
+        self._device_ready = True
+
+    def hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        """Forward hook on decoder layer L: score the pending requests' last prompt tokens."""
+        if not self.pending:
+            return
+        hidden, residual = (output[0], output[1]) if isinstance(output, tuple) else (output, None)
+        stream = hidden if residual is None else hidden + residual
+        if not self._device_ready:
+            self._to(stream.device, stream.dtype)
+        idx = torch.tensor([p.token_index for p in self.pending], device=stream.device)
+        scores = self.probe.score(stream.index_select(0, idx)).tolist()
+        for p, s in zip(self.pending, scores, strict=True):
+            alpha = self.probe.alpha_for(s)
+            flagged = s >= self.probe.manifest.threshold
+            self.scores[p.req_id] = s
+            self.alpha_sink(p.req_id, alpha, p.token_start, p.token_end)
+            if self.observe is not None:
+                self.observe(s, flagged)
+            if p.record:
+                self._write_record(p.req_id, s, alpha, flagged)
+        self.pending = []
+
+    def _write_record(self, req_id: str, score: float, alpha: float, flagged: bool) -> None:
+        if self.runtime_dir is None:
+            return
+        try:
+            path = self.runtime_dir / record_name(req_id)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps({"request_id": req_id, "score": score, "alpha": alpha, "flagged": flagged})
+            )
+            os.replace(tmp, path)
+        except OSError as e:  # the score still drives alpha; only its report to the client is lost
+            logger.warning("vllm-safeguard: cannot write guard record for %s: %s", req_id, e)
+
+    def forget(self, live: Any) -> None:
+        for rid in [r for r in self.scores if r not in live]:
+            del self.scores[rid]
+
+
+def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """The decoder-layer list of a vLLM causal LM (``model.model.layers`` for Llama-like models)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers on {type(model).__name__} (expected .model.layers)")
+    return layers  # type: ignore[no-any-return]
+
+
+def install_hook(model: torch.nn.Module, runtime: GuardRuntime) -> Any:
+    layers = decoder_layers(model)
+    layer = runtime.probe.layer
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"guard probe layer {layer} is outside the model's {len(layers)} decoder layers")
+    return layers[layer].register_forward_hook(runtime.hook)

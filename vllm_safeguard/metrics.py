@@ -1,0 +1,155 @@
+"""Prometheus metrics, recorded where the work happens (the worker) and shown on vLLM's ``/metrics``.
+
+vLLM's API server renders ``/metrics`` from a registry that reads every process's metric files when
+``PROMETHEUS_MULTIPROC_DIR`` is set (a fresh, empty directory, set before launch; ``vllm-safeguard
+serve`` does this). Without it, only the API server's own metrics are visible and the worker's are not.
+
+Labels are bounded: ``outcome`` (4 values), ``method`` (the registered methods), ``cache``
+(hit/miss), ``model_name`` (one per server). Adapter names are never labels: they are unbounded
+(runtime loading, resolvers).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from . import __version__
+
+OUTCOMES = (
+    "repaired",
+    "passed",
+    "refused",
+    "unrepaired",
+)  # unrepaired: fail_closed=false and the pipeline failed
+
+# Full exposition names (what a query sees). The Grafana test checks the dashboard against these.
+LOADS = "safeguard_adapter_loads_total"
+REPAIR_DURATION = "safeguard_repair_duration_seconds"
+RISK_SCORE = "safeguard_adapter_risk_score"
+CACHE_HITS = "safeguard_cache_hits_total"
+CACHE_LOOKUPS = "safeguard_cache_lookups_total"
+LAYERS_REPAIRED = "safeguard_layers_repaired_total"
+BUILD_INFO = "safeguard_build_info"
+WORKER_ACTIVE = "safeguard_worker_active"
+GUARD_SCORE = "safeguard_guard_score"
+GUARD_FLAGGED = "safeguard_guard_flagged_total"
+TRANSLATOR_ROUTING = "safeguard_translator_adapters_total"
+
+HISTOGRAMS = (REPAIR_DURATION, RISK_SCORE, GUARD_SCORE)
+METRIC_NAMES: tuple[str, ...] = (
+    LOADS,
+    REPAIR_DURATION,
+    RISK_SCORE,
+    CACHE_HITS,
+    CACHE_LOOKUPS,
+    LAYERS_REPAIRED,
+    BUILD_INFO,
+    WORKER_ACTIVE,
+    GUARD_SCORE,
+    GUARD_FLAGGED,
+    TRANSLATOR_ROUTING,
+)
+
+
+def exposed_series_names() -> set[str]:
+    """Every series name these metrics expose (histograms add ``_bucket``/``_sum``/``_count``)."""
+    out = set(METRIC_NAMES)
+    for h in HISTOGRAMS:
+        out |= {f"{h}_bucket", f"{h}_sum", f"{h}_count"}
+    return out
+
+
+@dataclass(frozen=True)
+class SafeguardMetrics:
+    loads: Counter
+    repair_duration: Histogram
+    risk_score: Histogram
+    cache_hits: Counter
+    cache_lookups: Counter
+    layers_repaired: Counter
+    build_info: Gauge
+    worker_active: Gauge
+    guard_score: Histogram
+    guard_flagged: Counter
+    translator_routing: Counter
+
+
+_lock = threading.Lock()
+_metrics: SafeguardMetrics | None = None
+
+
+def _strip_total(name: str) -> str:
+    # prometheus_client appends "_total" to counters itself.
+    return name[: -len("_total")] if name.endswith("_total") else name
+
+
+def get_metrics() -> SafeguardMetrics:
+    """The process's metrics (created on first use, in prometheus_client's default registry)."""
+    global _metrics
+    if _metrics is not None:
+        return _metrics
+    with _lock:
+        if _metrics is None:
+            _metrics = SafeguardMetrics(
+                loads=Counter(
+                    _strip_total(LOADS),
+                    "Adapter loads seen by vllm-safeguard, by outcome (repaired, passed, refused, unrepaired).",
+                    ["model_name", "outcome", "method"],
+                ),
+                repair_duration=Histogram(
+                    REPAIR_DURATION,
+                    "Time from load request to repaired adapter folder (cache=miss: full repair; hit: lookup).",
+                    ["model_name", "method", "cache"],
+                    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+                ),
+                risk_score=Histogram(
+                    RISK_SCORE,
+                    "Risk score in [0, 1] of each adapter loaded (share of the alignment delta it undoes).",
+                    ["model_name"],
+                    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+                ),
+                cache_hits=Counter(_strip_total(CACHE_HITS), "Repair cache hits.", ["model_name"]),
+                cache_lookups=Counter(_strip_total(CACHE_LOOKUPS), "Repair cache lookups.", ["model_name"]),
+                layers_repaired=Counter(
+                    _strip_total(LAYERS_REPAIRED),
+                    "Transformer blocks changed by repairs computed (cache misses only).",
+                    ["model_name", "method"],
+                ),
+                # "max" across processes: the series reads 1 as soon as one process set it.
+                build_info=Gauge(
+                    BUILD_INFO,
+                    "vllm-safeguard build info (1 in every process the plugin is registered in).",
+                    ["version", "vllm_version"],
+                    multiprocess_mode="max",
+                ),
+                worker_active=Gauge(
+                    WORKER_ACTIVE,
+                    "1 when a LoRA worker has the safeguard pipeline configured (reference loaded), else 0.",
+                    ["model_name", "method"],
+                    multiprocess_mode="max",
+                ),
+                guard_score=Histogram(
+                    GUARD_SCORE,
+                    "DSA guard probe score in [0, 1] of each request scored in 'auto' mode (1 = harmful).",
+                    ["model_name"],
+                    buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+                ),
+                guard_flagged=Counter(
+                    _strip_total(GUARD_FLAGGED),
+                    "Requests the guard flagged (score >= threshold; they get the probe's alpha_high).",
+                    ["model_name"],
+                ),
+                translator_routing=Counter(
+                    _strip_total(TRANSLATOR_ROUTING),
+                    "Adapters repaired by the NeWTral translator, by dominant expert (largest mean routing weight).",
+                    ["model_name", "expert"],
+                ),
+            )
+    return _metrics
+
+
+def set_build_info(vllm_version: str) -> None:
+    get_metrics().build_info.labels(version=__version__, vllm_version=vllm_version).set(1)
