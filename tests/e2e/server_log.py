@@ -24,7 +24,10 @@ ENGINE_FAILURE_MARKS = (
 def split_at_shutdown(log: str) -> tuple[str, str]:
     """(serving part, shutdown part) of a server log; the shutdown part is "" if it never began."""
     i = log.find(SHUTDOWN_MARK)
-    return (log, "") if i < 0 else (log[:i], log[i:])
+    if i < 0:
+        return log, ""
+    i = log.rfind("\n", 0, i) + 1  # split at the start of the mark's line
+    return log[:i], log[i:]
 
 
 def engine_failures(text: str) -> list[str]:
