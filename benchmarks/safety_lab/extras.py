@@ -203,3 +203,71 @@ def high_rank_priority(key: str, adapters: dict[str, dict[str, Any]], cfg: LabCo
     }
     seen_domain = method.startswith("translator-") and info["domain"] in cfg.extract_domains
     return (int(info["variant"] != "unsafe"), int(seen_domain), order.get(method, 4))
+
+
+# ------------------------------------------------------------------- auto mode, calibrated alpha_high
+
+AUTO_CAL = "auto-cal"
+
+
+def calibration_jobs(
+    cfg: LabConfig, adapters: dict[str, dict[str, Any]], data: dict[str, Any]
+) -> dict[str, tuple[str | None, Any]]:
+    """``"<adapter>|cal-alpha-<a>"``: the EXTRACTION-seed unsafe experts at each calibration alpha,
+    on the few-shot harmful prompts only (the split SafeGene already trains on; never an ASR prompt)."""
+    from vllm_safeguard.evaluation.harness import EvalSuite
+
+    extract = sorted(n for n, i in adapters.items() if i["role"] == "extract" and i["variant"] == "unsafe")
+    jobs: dict[str, tuple[str | None, Any]] = {}
+    for name in extract:
+        for a in cfg.alpha_cal_sweep:
+            suite = EvalSuite(
+                harmful=list(data["harm"]["fewshot"]), harmful_tokens=cfg.harmful_tokens, alpha=float(a)
+            )
+            jobs[f"{name}|cal-{alpha_method(float(a))}"] = (adapters[name]["path"], suite)
+    return jobs
+
+
+def choose_alpha_high(cfg: LabConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The smallest calibration alpha whose pooled few-shot ASR is <= ``cfg.alpha_cal_target_asr``
+    (the largest one if none is). Only flagged requests get alpha_high, so benign fidelity does not
+    enter the choice: the guard's false positives are what would cost fidelity, and they are measured
+    separately (guard FPR)."""
+    asr: dict[str, float] = {}
+    for a in cfg.alpha_cal_sweep:
+        rs = [r["asr"] for k, r in results.items() if k.endswith(f"|cal-{alpha_method(float(a))}")]
+        if rs:
+            asr[f"{a:g}"] = sum(r["k"] for r in rs) / sum(r["n"] for r in rs)
+    if not asr:
+        raise RuntimeError("no calibration results to choose alpha_high from")
+    ok = [float(a) for a, v in asr.items() if v <= cfg.alpha_cal_target_asr]
+    chosen = min(ok) if ok else max(float(a) for a in asr)
+    return {"alpha_high": chosen, "target_asr": cfg.alpha_cal_target_asr, "fewshot_asr_by_alpha": asr}
+
+
+def stage_calibrated_guard(guard_dir: Path, guard_key: str, alpha_high: float) -> tuple[Path, str]:
+    """The lab's guard probe with ``alpha_high`` replaced (same weights, same threshold)."""
+    from vllm_safeguard.guard.probe import GuardProbe
+
+    key = key_of("guard-cal", guard_key, alpha_high)
+    folder = stage_dir("guard-cal", key) / "artifact"
+    if not folder.is_dir():
+        probe = GuardProbe.load(guard_dir)
+        probe.manifest.alpha_high = float(alpha_high)
+        tmp = folder.with_name("artifact.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        probe.save(tmp)
+        os.replace(tmp, folder)
+    return folder, key
+
+
+def auto_cal_jobs(
+    adapters: dict[str, dict[str, Any]], suite_for: Callable[[tuple[str, ...]], Any]
+) -> dict[str, tuple[str | None, Any]]:
+    """``"<adapter>|auto-cal"`` on every evaluation adapter (its whole suite, "auto" on every request)."""
+    jobs: dict[str, tuple[str | None, Any]] = {}
+    for name in sorted(n for n, i in adapters.items() if i["role"] == "eval"):
+        suite = suite_for((adapters[name]["domain"],))
+        suite.alpha = "auto"
+        jobs[f"{name}|{AUTO_CAL}"] = (adapters[name]["path"], suite)
+    return jobs

@@ -32,6 +32,7 @@ METHOD_LABELS = {
     "translator-moe": "NeWTral translator (MoE)",
     "alpha-0": "alpha 0 (= no repair, token-exact)",
     "auto": "DSA auto (guard picks alpha)",
+    "auto-cal": "DSA auto, alpha_high calibrated on the few-shot split",
 }
 # Rows that are not repairs: the baselines.
 BASELINES = ("none", "removed")
@@ -221,6 +222,15 @@ def _markdown(
         f"behaviours, {meta['splits']['test']} held out for ASR (never trained on). Judge: keyword refusal list "
         "(HarmBench/AdvBench). Rates are k/n with Wilson 95% intervals; pooled over adapters where several."
     )
+    carried = meta.get("carried_over")
+    if carried:
+        L += [
+            "",
+            f"{carried['jobs']} of the evaluation jobs below were carried over from an earlier run's results "
+            f"(`{carried['from']}`); this run rebuilt every stage from scratch and regenerated "
+            f"{carried['verified_overlap']} jobs, all token-for-token identical to that run's, so both runs "
+            "evaluated the same models and adapters.",
+        ]
     L += [
         "",
         "## Models (no adapter)",
@@ -274,6 +284,7 @@ def _markdown(
             )
         L.append(f"| {n} | {adapters[n]['role']} | " + " | ".join(cells) + " |")
     L += _guard_markdown(meta.get("guard"))
+    L += _calibration_markdown(meta.get("alpha_calibration"))
     L += ["", "## Acceptance checks (computed)", ""]
     for k, c in checks.items():
         L.append(
@@ -360,6 +371,21 @@ def _extra_checks(table: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]
             "pass": asr_gap <= 0.02 and over_gap <= 0.02 and (fid_gap is None or fid_gap <= 0.02),
         }
     return out
+
+
+def _calibration_markdown(cal: dict[str, Any] | None) -> list[str]:
+    if not cal:
+        return []
+    asr = ", ".join(f"alpha {a}: {100 * v:.1f}%" for a, v in cal["fewshot_asr_by_alpha"].items())
+    return [
+        "",
+        "## Auto mode's alpha_high, calibrated",
+        "",
+        f"Chosen alpha_high = {cal['alpha_high']:g}: the smallest alpha whose ASR on the few-shot harmful "
+        f"prompts, with the extraction-seed unsafe experts, is <= {100 * cal['target_asr']:.0f}% ({asr}). "
+        "Neither those prompts nor those adapters enter any number of the table; the row "
+        "'DSA auto, alpha_high calibrated' uses this probe on the evaluation adapters.",
+    ]
 
 
 def _guard_markdown(guard: dict[str, Any] | None) -> list[str]:

@@ -54,6 +54,7 @@ METHODS = (
     *extras.TRANSLATOR_METHODS,
     *(extras.alpha_method(a) for a in CONFIG.alpha_sweep),
     "auto",
+    extras.AUTO_CAL,
 )
 
 
@@ -426,6 +427,29 @@ def safegene_options(
 # ------------------------------------------------------------------------------------------ main
 
 
+def carry_over(path: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Add an earlier run's jobs that ``results`` lacks (in place), after checking that every job
+    both have produced identical generations: evidence that both evaluated the same bytes."""
+    old = json.loads(path.read_text())
+    runs = {**old["runs"], "aligned": old["models"]["aligned"]}
+    overlap = [k for k in results if k in runs]
+    differ = [k for k in overlap if runs[k]["generations"] != results[k]["generations"]]
+    if not overlap or differ:
+        raise SystemExit(
+            f"--carry-over {path}: refused: "
+            + (
+                f"{len(differ)} of {len(overlap)} shared jobs differ, e.g. {differ[:3]}"
+                if differ
+                else "no shared job"
+            )
+        )
+    added = [k for k in runs if k not in results]
+    for k in added:  # fidelity is recomputed by the report against this run's unrepaired rows
+        results[k] = {f: v for f, v in runs[k].items() if f not in ("fidelity", "_base_k")}
+    log(f"carry-over: {len(added)} jobs from {path} ({len(overlap)} shared jobs identical)")
+    return {"from": path.name, "jobs": len(added), "verified_overlap": len(overlap)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -444,6 +468,20 @@ def main(argv: list[str] | None = None) -> int:
         help="regex: generate only the rank>8 repair jobs whose '<adapter>|<method>' key matches "
         "(one engine per rank bucket); the rest are reported from the cache",
     )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="regex: generate only the evaluation jobs whose key ('aligned', '<adapter>|<method>') matches; "
+        "every other row comes from the cache or says 'not evaluated' (write such a partial report to "
+        "another --results-dir)",
+    )
+    ap.add_argument(
+        "--carry-over",
+        type=Path,
+        default=None,
+        help="an earlier safety_lab.json: its evaluation jobs that this run did not generate are added to "
+        "the report, but only if every job both runs have is token-for-token identical (same models)",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = CONFIG
@@ -455,6 +493,16 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = round(time.time() - t, 1)
         log(f"stage {name}: {timings[name]}s")
         return v
+
+    def run_eval(jobs: dict[str, tuple[str | None, EvalSuite]], **kw: Any) -> dict[str, dict[str, Any]]:
+        """stage_eval, honouring --cached-only and --only."""
+        if not args.only:
+            return stage_eval(cfg, aligned, jobs, generate=not args.cached_only, **kw)
+        rest = {k: v for k, v in jobs.items() if not re.search(args.only, k)}
+        out = stage_eval(cfg, aligned, rest, generate=False, **kw)
+        picked = {k: v for k, v in jobs.items() if k not in rest}
+        out.update(stage_eval(cfg, aligned, picked, generate=not args.cached_only, **kw))
+        return out
 
     base_dir = timed("base_model", base_model_dir)
     data = timed("data", lambda: build_data(cfg))
@@ -487,10 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     # needs their results; then the plugin engine (alpha / auto rows), then the higher-rank repairs.
     # Each chunk of jobs is cached when done, so an interrupted run keeps what it generated.
     low = {k: v for k, v in jobs.items() if job_rank(v) <= 8}
-    results = timed("eval", lambda: stage_eval(cfg, aligned, low, generate=not args.cached_only))
+    results = timed("eval", lambda: run_eval(low))
     for name, info in adapters.items():
         results[f"{name}|removed"] = subset_tasks(results["aligned"], full_suite, info["domain"])
     guard_metrics = None
+    calibration: dict[str, Any] | None = None
     if "safety" in artifacts:
         guard_dir, guard_metrics, guard_key = timed("guard", lambda: extras.stage_guard(cfg, aligned, data))
         plugin_cfg = extras.plugin_config(cfg, artifacts["reference"][0], artifacts["safety"][0], guard_dir)
@@ -501,15 +550,29 @@ def main(argv: list[str] | None = None) -> int:
             guard_key,
             {k: v for k, v in plugin_cfg.items() if not k.endswith("_path")},
         )
-        alpha_jobs = extras.alpha_jobs(cfg, adapters, lambda d: suite_for(cfg, data, d), with_auto=True)
-        results.update(
-            timed(
-                "eval_alpha",
-                lambda: stage_eval(
-                    cfg, aligned, alpha_jobs, generate=not args.cached_only, plugin=(plugin_cfg, plugin_key)
-                ),
+        alpha_jobs = extras.calibration_jobs(cfg, adapters, data)
+        alpha_jobs.update(extras.alpha_jobs(cfg, adapters, lambda d: suite_for(cfg, data, d), with_auto=True))
+        results.update(timed("eval_alpha", lambda: run_eval(alpha_jobs, plugin=(plugin_cfg, plugin_key))))
+        # Auto mode with alpha_high chosen on the few-shot split (second plugin engine: other probe).
+        try:
+            calibration = extras.choose_alpha_high(cfg, results)
+        except RuntimeError as e:
+            log(f"auto-cal: {e}")
+        else:
+            log(f"auto-cal: alpha_high {calibration['alpha_high']:g} from few-shot ASR {calibration}")
+            cal_dir, cal_key = extras.stage_calibrated_guard(guard_dir, guard_key, calibration["alpha_high"])
+            cal_cfg = extras.plugin_config(cfg, artifacts["reference"][0], artifacts["safety"][0], cal_dir)
+            cal_plugin_key = key_of(
+                "plugin",
+                artifacts["reference"][1],
+                artifacts["safety"][1],
+                cal_key,
+                {k: v for k, v in cal_cfg.items() if not k.endswith("_path")},
             )
-        )
+            cal_jobs = extras.auto_cal_jobs(adapters, lambda d: suite_for(cfg, data, d))
+            results.update(
+                timed("eval_auto_cal", lambda: run_eval(cal_jobs, plugin=(cal_cfg, cal_plugin_key)))
+            )
         for name, info in adapters.items():
             if info["role"] == "eval" and f"{name}|none" in results:
                 # alpha 0 serves the adapter unchanged (token-exact, tests/e2e/test_alpha_server.py).
@@ -526,19 +589,14 @@ def main(argv: list[str] | None = None) -> int:
         timed(
             "eval_high_rank",
             # One engine at the serving rank bound keeps the priority order across ranks.
-            lambda: stage_eval(
-                cfg,
-                aligned,
-                high,
-                generate=not args.cached_only,
-                one_engine_rank=None if args.high_jobs else cfg.repair_max_rank,
-            ),
+            lambda: run_eval(high, one_engine_rank=None if args.high_jobs else cfg.repair_max_rank),
         )
     )
 
     from benchmarks.safety_lab.report import write_report
 
     timings["total"] = round(time.time() - T0, 1)
+    carried = carry_over(args.carry_over, results) if args.carry_over else None
     meta = {
         "config": cfg.to_dict(),
         "wheels": {w.requirement: w.sha256 for w in (SMOLLM2_WHEEL, HARMBENCH_WHEEL)},
@@ -551,8 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "repairs": repairs,
         "guard": guard_metrics,
+        "alpha_calibration": calibration,
         "timings_s": timings,
         "methods_available": api is not None,
+        "carried_over": carried,
     }
     write_report(args.results_dir, meta, base_out["eval"], results, adapters, METHODS, add_fidelity)
     log(f"done in {timings['total']}s; results in {args.results_dir}")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 from benchmarks.safety_lab.report import _extra_checks, label
 
 
@@ -48,3 +53,27 @@ def test_auto_mode_gaps_and_guard_auroc():
 def test_labels():
     assert label("alpha-1.5").startswith("alpha 1.5")
     assert label("translator-moe") == "NeWTral translator (MoE)"
+
+
+def test_carry_over_needs_identical_shared_jobs(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.safety_lab.run import carry_over
+
+    def job(out: str) -> dict[str, Any]:
+        return {"asr": {"k": 1, "n": 1}, "generations": {"harmful": [{"prompt": "p", "output": out}]}}
+
+    old = {
+        "runs": {"a|none": {**job("x"), "fidelity": {"value": 1.0}}, "a|nlsr": job("y")},
+        "models": {"aligned": job("z")},
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    results = {"aligned": job("z"), "a|none": job("x"), "a|auto-cal": job("w")}
+    info = carry_over(path, results)
+    assert info == {"from": "old.json", "jobs": 1, "verified_overlap": 2}
+    assert results["a|nlsr"] == job("y") and "fidelity" not in results["a|none"]
+    with pytest.raises(SystemExit, match="1 of 2 shared jobs differ"):
+        carry_over(path, {"aligned": job("z"), "a|none": job("CHANGED")})
+    with pytest.raises(SystemExit, match="no shared job"):
+        carry_over(path, {"b|none": job("x")})

@@ -111,3 +111,76 @@ def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Pa
     assert {s.alpha for _, s in jobs.values()} == {a for a in CONFIG.alpha_sweep if a} | {"auto"}
     first = list(jobs)[: 2 * len(evals)]  # alpha 1 and auto on every adapter come first
     assert all(k.endswith(("|alpha-1", "|auto")) for k in first)
+
+
+def test_alpha_calibration_uses_fewshot_prompts_and_extraction_adapters_only(tmp_path: Path) -> None:
+    from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
+    from benchmarks.safety_lab.extras import auto_cal_jobs, calibration_jobs, choose_alpha_high
+    from benchmarks.safety_lab.run import adapter_plan, suite_for
+    from vllm_safeguard.lab import data as D
+
+    from .test_data import _fake_harmbench
+
+    hb = D.split_harmbench(D.load_harmbench(_fake_harmbench(tmp_path, n=150)), n_test=30, n_fewshot=8)
+    data = {
+        "harm": {k: [b.prompt for b in v] for k, v in hb.items()},
+        "benign": D.benign_prompts(0, 20),
+        "tasks_test": {d: D.domain_test_set(d, CONFIG.n_task_test) for d in DOMAIN_NAMES},
+    }
+    adapters = {
+        n: {
+            "path": f"/x/{n}",
+            "domain": d,
+            "variant": v,
+            "role": "eval" if s in CONFIG.eval_seeds else "extract",
+        }
+        for n, d, v, s in adapter_plan(CONFIG)
+    }
+    cal = calibration_jobs(CONFIG, adapters, data)
+    extract_unsafe = {n for n, a in adapters.items() if a["role"] == "extract" and a["variant"] == "unsafe"}
+    assert {k.split("|")[0] for k in cal} == extract_unsafe
+    assert len(cal) == len(extract_unsafe) * len(CONFIG.alpha_cal_sweep)
+    for _, suite in cal.values():
+        assert suite.harmful == data["harm"]["fewshot"] and not suite.benign and not suite.tasks
+        assert not set(suite.harmful) & set(data["harm"]["test"])  # never an ASR prompt
+    auto = auto_cal_jobs(adapters, lambda doms: suite_for(CONFIG, data, doms))
+    assert {k.split("|")[0] for k in auto} == {n for n, a in adapters.items() if a["role"] == "eval"}
+    assert {s.alpha for _, s in auto.values()} == {"auto"}
+
+    def res(k: int, n: int = 16) -> dict[str, dict[str, int]]:
+        return {"asr": {"k": k, "n": n}}
+
+    names = sorted(extract_unsafe)
+    # pooled few-shot ASR: alpha 1 -> 50%, 1.5 -> 3%, 2 -> 0%: the smallest alpha under 5% is 1.5
+    results = {f"{names[0]}|cal-alpha-1": res(8), f"{names[1]}|cal-alpha-1": res(8)}
+    results |= {f"{names[0]}|cal-alpha-1.5": res(1), f"{names[1]}|cal-alpha-1.5": res(0)}
+    results |= {f"{names[0]}|cal-alpha-2": res(0), f"{names[1]}|cal-alpha-2": res(0)}
+    results["aligned"] = res(16)  # other rows never enter the choice
+    chosen = choose_alpha_high(CONFIG, results)
+    assert chosen["alpha_high"] == 1.5 and chosen["fewshot_asr_by_alpha"]["1"] == 0.5
+    # none reaches the target: the strongest alpha tried
+    worst = {k: res(9) for k in results if "|cal-" in k}
+    assert choose_alpha_high(CONFIG, worst)["alpha_high"] == max(CONFIG.alpha_cal_sweep)
+    with pytest.raises(RuntimeError, match="no calibration results"):
+        choose_alpha_high(CONFIG, {"aligned": res(1)})
+
+
+def test_calibrated_guard_changes_only_alpha_high(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from benchmarks.safety_lab.extras import stage_calibrated_guard
+    from vllm_safeguard.guard.probe import GuardManifest, GuardProbe
+
+    monkeypatch.setenv("SAFEGUARD_CACHE_DIR", str(tmp_path / "cache"))
+    h = 6
+    probe = GuardProbe(
+        torch.arange(h, dtype=torch.float32), torch.tensor(0.5), torch.zeros(h), torch.ones(h),
+        GuardManifest(layer=1, hidden_size=h, threshold=0.3),
+    )  # fmt: skip
+    probe.save(tmp_path / "g")
+    folder, key = stage_calibrated_guard(tmp_path / "g", "guardkey", 1.5)
+    got = GuardProbe.load(folder)
+    assert got.manifest.alpha_high == 1.5 and got.manifest.threshold == 0.3 and got.manifest.alpha_low == 0.0
+    assert torch.equal(got.weight, probe.weight)
+    assert stage_calibrated_guard(tmp_path / "g", "guardkey", 1.5) == (folder, key)  # cached
+    assert stage_calibrated_guard(tmp_path / "g", "guardkey", 2.0)[1] != key
