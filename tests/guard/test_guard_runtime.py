@@ -108,3 +108,28 @@ def test_middleware_adds_headers(tmp_path, monkeypatch):
     r = client.post("/v1/completions", json={"prompt": "x"})
     assert "x-safeguard-guard-score" not in r.headers
     assert asyncio.iscoroutinefunction(http.guard_score_middleware)
+
+
+def test_plan_step_looks_up_flags_only_for_requests_ending_their_prefill():
+    import numpy as np
+
+    rt = GuardRuntime(_probe(), lambda *a: None)
+    asked: list[int] = []
+
+    def auto(i: int) -> bool:
+        asked.append(i)
+        return True
+
+    # 3 decoding requests and one (index 2) whose 6-token prefill is scheduled whole at offset 2
+    rt.plan_step(
+        ["d0", "d1", "p2", "d3"],
+        np.array([1, 1, 6, 1], dtype=np.int32),
+        np.array([9, 4, 0, 7], dtype=np.int32),
+        np.array([5, 3, 6, 2], dtype=np.int32),
+        auto,
+        lambda i: i == 2,
+    )
+    assert asked == [2]
+    assert [(p.req_id, p.token_index, p.token_start, p.token_end, p.record) for p in rt.pending] == [
+        ("p2", 7, 2, 8, True)
+    ]

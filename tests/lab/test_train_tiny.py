@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,26 +68,27 @@ def test_lab_training_rows_never_contain_held_out_prompts(tmp_path: Path) -> Non
         assert not {r.prompt for r in adapter_rows(CONFIG, data, domain, variant, seed)} & held_out
 
 
-def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Path) -> None:
+def _lab_data(tmp_path: Path) -> dict[str, Any]:
+    """The lab's data dict on a fake HarmBench (same splits and domain sets as the real lab)."""
     from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
-    from benchmarks.safety_lab.extras import alpha_jobs, guard_sets
-    from benchmarks.safety_lab.run import adapter_plan, suite_for
     from vllm_safeguard.lab import data as D
 
     from .test_data import _fake_harmbench
 
     hb = D.split_harmbench(D.load_harmbench(_fake_harmbench(tmp_path, n=150)), n_test=30, n_fewshot=8)
-    data = {
+    return {
         "harm": {k: [b.prompt for b in v] for k, v in hb.items()},
         "benign": D.benign_prompts(0, 20),
         "tasks_test": {d: D.domain_test_set(d, CONFIG.n_task_test) for d in DOMAIN_NAMES},
     }
-    sets = guard_sets(CONFIG, data)
-    tests = set(sets["harm_test"]) | set(sets["benign_test"]) | set(sets["domain_test"])
-    assert not (set(sets["harm_train"]) | set(sets["benign_train"])) & tests
-    assert set(sets["harm_test"]) == set(data["harm"]["test"])
 
-    adapters = {
+
+def _lab_adapters() -> dict[str, dict[str, Any]]:
+    """The lab's adapter plan as ``run.stage_adapters`` describes it (paths are placeholders)."""
+    from benchmarks.safety_lab.config import CONFIG
+    from benchmarks.safety_lab.run import adapter_plan
+
+    return {
         n: {
             "path": f"/x/{n}",
             "domain": d,
@@ -95,6 +97,20 @@ def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Pa
         }
         for n, d, v, s in adapter_plan(CONFIG)
     }
+
+
+def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Path) -> None:
+    from benchmarks.safety_lab.config import CONFIG
+    from benchmarks.safety_lab.extras import alpha_jobs, guard_sets
+    from benchmarks.safety_lab.run import suite_for
+
+    data = _lab_data(tmp_path)
+    sets = guard_sets(CONFIG, data)
+    tests = set(sets["harm_test"]) | set(sets["benign_test"]) | set(sets["domain_test"])
+    assert not (set(sets["harm_train"]) | set(sets["benign_train"])) & tests
+    assert set(sets["harm_test"]) == set(data["harm"]["test"])
+
+    adapters = _lab_adapters()
     jobs = alpha_jobs(CONFIG, adapters, lambda doms: suite_for(CONFIG, data, doms), with_auto=True)
     assert all(adapters[k.split("|")[0]]["role"] == "eval" for k in jobs)  # never extraction adapters
     assert not any(k.endswith("|alpha-0") for k in jobs)  # alpha 0 is the no-repair row
@@ -114,28 +130,12 @@ def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Pa
 
 
 def test_alpha_calibration_uses_fewshot_prompts_and_extraction_adapters_only(tmp_path: Path) -> None:
-    from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
+    from benchmarks.safety_lab.config import CONFIG
     from benchmarks.safety_lab.extras import auto_cal_jobs, calibration_jobs, choose_alpha_high
-    from benchmarks.safety_lab.run import adapter_plan, suite_for
-    from vllm_safeguard.lab import data as D
+    from benchmarks.safety_lab.run import suite_for
 
-    from .test_data import _fake_harmbench
-
-    hb = D.split_harmbench(D.load_harmbench(_fake_harmbench(tmp_path, n=150)), n_test=30, n_fewshot=8)
-    data = {
-        "harm": {k: [b.prompt for b in v] for k, v in hb.items()},
-        "benign": D.benign_prompts(0, 20),
-        "tasks_test": {d: D.domain_test_set(d, CONFIG.n_task_test) for d in DOMAIN_NAMES},
-    }
-    adapters = {
-        n: {
-            "path": f"/x/{n}",
-            "domain": d,
-            "variant": v,
-            "role": "eval" if s in CONFIG.eval_seeds else "extract",
-        }
-        for n, d, v, s in adapter_plan(CONFIG)
-    }
+    data = _lab_data(tmp_path)
+    adapters = _lab_adapters()
     cal = calibration_jobs(CONFIG, adapters, data)
     extract_unsafe = {n for n, a in adapters.items() if a["role"] == "extract" and a["variant"] == "unsafe"}
     assert {k.split("|")[0] for k in cal} == extract_unsafe

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .probe import GuardProbe
@@ -69,22 +70,33 @@ class GuardRuntime:
     def plan_step(
         self,
         req_ids: Sequence[str],
-        num_scheduled: Sequence[int],
-        num_computed: Sequence[int],
-        num_prompt: Sequence[int],
-        wants_auto: Sequence[bool],
-        wants_record: Sequence[bool] | None = None,
+        num_scheduled: Sequence[int] | np.ndarray,
+        num_computed: Sequence[int] | np.ndarray,
+        num_prompt: Sequence[int] | np.ndarray,
+        wants_auto: Sequence[bool] | Callable[[int], bool],
+        wants_record: Sequence[bool] | Callable[[int], bool] | None = None,
     ) -> None:
-        """Find the requests whose prefill ends in this step (see module Semantics)."""
+        """Find the requests whose prefill ends in this step (see module Semantics).
+
+        Runs before every forward pass, decode steps included, so the test is vectorized and the
+        per-request flags (``wants_*``: a sequence, or a function of the batch index, consulted only
+        for requests whose prefill ends here) are never looked up for decoding requests.
+        """
+        n = np.asarray(num_scheduled, dtype=np.int64)[: len(req_ids)]
+        c = np.asarray(num_computed, dtype=np.int64)[: len(n)]
+        p = np.asarray(num_prompt, dtype=np.int64)[: len(n)]
+        starts = np.cumsum(n) - n
         self.pending = []
-        offset = 0
-        records = wants_record if wants_record is not None else [False] * len(req_ids)
-        rows = zip(req_ids, num_scheduled, num_computed, num_prompt, wants_auto, records, strict=True)
-        for rid, n, c, p, auto, rec in rows:
-            n, c, p = int(n), int(c), int(p)
-            if auto and c < p <= c + n:
-                self.pending.append(PendingScore(rid, offset + (p - c - 1), offset, offset + n, bool(rec)))
-            offset += n
+        for i in np.flatnonzero((c < p) & (p <= c + n)).tolist():
+            if not (wants_auto(i) if callable(wants_auto) else wants_auto[i]):
+                continue
+            rec = False
+            if wants_record is not None:
+                rec = wants_record(i) if callable(wants_record) else wants_record[i]
+            start = int(starts[i])
+            self.pending.append(
+                PendingScore(req_ids[i], start + int(p[i] - c[i]) - 1, start, start + int(n[i]), bool(rec))
+            )
 
     def _to(self, device: torch.device, dtype: torch.dtype) -> None:
         pr = self.probe
