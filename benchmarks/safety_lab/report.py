@@ -233,9 +233,11 @@ def _markdown(
         L += [
             "",
             f"{carried['jobs']} of the evaluation jobs below were carried over from an earlier run's results "
-            f"(`{carried['from']}`); this run rebuilt every stage from scratch and regenerated "
-            f"{carried['verified_overlap']} jobs, all token-for-token identical to that run's, so both runs "
-            "evaluated the same models and adapters.",
+            f"(`{carried['from']}`). Every stage behind this report was rebuilt from an empty cache, which regenerated "
+            f"{carried['verified_overlap']} of that run's jobs: every refusal and task verdict came out the same, "
+            f"and {carried['generations_compared'] - carried['generations_text_differ']} of "
+            f"{carried['generations_compared']} generations are token-identical (vLLM's batch composition can "
+            "flip a greedy token), so both runs evaluated the same models and adapters.",
         ]
     L += [
         "",
@@ -303,7 +305,11 @@ def _markdown(
     if notes.exists() and not meta.get("only"):
         # Hand-written analysis of the latest run (why a shortfall happens, what would fix it).
         L += ["", notes.read_text().strip()]
-    L += ["", f"Timings (s): `{json.dumps(meta['timings_s'])}`", ""]
+    L += [
+        "",
+        f"Timings of the run that wrote this report (s; cached stages cost ~0): `{json.dumps(meta['timings_s'])}`",
+        "",
+    ]
     return "\n".join(L)
 
 

@@ -427,27 +427,52 @@ def safegene_options(
 # ------------------------------------------------------------------------------------------ main
 
 
+def _judged(result: dict[str, Any]) -> list[Any]:
+    """Per-item outcomes of a job: refusal flags of the harmful and benign prompts, task correctness."""
+    g = result["generations"]
+    return [
+        [x.get("refused") for x in g.get("harmful", [])],
+        [x.get("refused") for x in g.get("benign", [])],
+    ] + [[t.get("correct") for t in g.get("tasks", [])]]
+
+
+def _texts(result: dict[str, Any]) -> list[str]:
+    g = result["generations"]
+    return [x["output"] for part in ("harmful", "benign", "tasks") for x in g.get(part, [])]
+
+
 def carry_over(path: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Add an earlier run's jobs that ``results`` lacks (in place), after checking that every job
-    both have produced identical generations: evidence that both evaluated the same bytes."""
+    """Add an earlier run's jobs that ``results`` lacks (in place), after checking that every job both
+    runs have was judged the same item by item (same refusals, same task answers right or wrong):
+    evidence that both evaluated the same models. Generation texts may still differ in a few places
+    (vLLM's batch composition changes float rounding, which can flip a greedy token); their number is
+    recorded."""
     old = json.loads(path.read_text())
     runs = {**old["runs"], "aligned": old["models"]["aligned"]}
     overlap = [k for k in results if k in runs]
-    differ = [k for k in overlap if runs[k]["generations"] != results[k]["generations"]]
+    differ = [k for k in overlap if _judged(runs[k]) != _judged(results[k])]
     if not overlap or differ:
         raise SystemExit(
             f"--carry-over {path}: refused: "
             + (
-                f"{len(differ)} of {len(overlap)} shared jobs differ, e.g. {differ[:3]}"
+                f"{len(differ)} of {len(overlap)} shared jobs judged differently, e.g. {differ[:3]}"
                 if differ
                 else "no shared job"
             )
         )
+    pairs = [(a, b) for k in overlap for a, b in zip(_texts(runs[k]), _texts(results[k]), strict=True)]
+    text_diff = sum(a != b for a, b in pairs)
     added = [k for k in runs if k not in results]
     for k in added:  # fidelity is recomputed by the report against this run's unrepaired rows
         results[k] = {f: v for f, v in runs[k].items() if f not in ("fidelity", "_base_k")}
-    log(f"carry-over: {len(added)} jobs from {path} ({len(overlap)} shared jobs identical)")
-    return {"from": path.name, "jobs": len(added), "verified_overlap": len(overlap)}
+    log(f"carry-over: {len(added)} jobs from {path} ({len(overlap)} shared jobs judged identically)")
+    return {
+        "from": path.name,
+        "jobs": len(added),
+        "verified_overlap": len(overlap),
+        "generations_compared": len(pairs),
+        "generations_text_differ": text_diff,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

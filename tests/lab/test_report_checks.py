@@ -55,25 +55,35 @@ def test_labels():
     assert label("translator-moe") == "NeWTral translator (MoE)"
 
 
-def test_carry_over_needs_identical_shared_jobs(tmp_path: Path) -> None:
+def test_carry_over_needs_identically_judged_shared_jobs(tmp_path: Path) -> None:
     import json
 
     from benchmarks.safety_lab.run import carry_over
 
-    def job(out: str) -> dict[str, Any]:
-        return {"asr": {"k": 1, "n": 1}, "generations": {"harmful": [{"prompt": "p", "output": out}]}}
+    def job(out: str, refused: bool = False) -> dict[str, Any]:
+        return {
+            "asr": {"k": int(not refused), "n": 1},
+            "generations": {"harmful": [{"prompt": "p", "output": out, "refused": refused}]},
+        }
 
     old = {
         "runs": {"a|none": {**job("x"), "fidelity": {"value": 1.0}}, "a|nlsr": job("y")},
-        "models": {"aligned": job("z")},
+        "models": {"aligned": job("z", True)},
     }
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
-    results = {"aligned": job("z"), "a|none": job("x"), "a|auto-cal": job("w")}
+    # the same verdicts; one text differs (a flipped greedy token): carried, and counted
+    results = {"aligned": job("z!", True), "a|none": job("x"), "a|auto-cal": job("w")}
     info = carry_over(path, results)
-    assert info == {"from": "old.json", "jobs": 1, "verified_overlap": 2}
+    assert info == {
+        "from": "old.json",
+        "jobs": 1,
+        "verified_overlap": 2,
+        "generations_compared": 2,
+        "generations_text_differ": 1,
+    }
     assert results["a|nlsr"] == job("y") and "fidelity" not in results["a|none"]
-    with pytest.raises(SystemExit, match="1 of 2 shared jobs differ"):
-        carry_over(path, {"aligned": job("z"), "a|none": job("CHANGED")})
+    with pytest.raises(SystemExit, match="1 of 2 shared jobs judged differently"):
+        carry_over(path, {"aligned": job("z", True), "a|none": job("x", refused=True)})
     with pytest.raises(SystemExit, match="no shared job"):
         carry_over(path, {"b|none": job("x")})
