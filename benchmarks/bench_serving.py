@@ -192,8 +192,8 @@ def guard_ab_engine(
     the hook on layer L scoring them, the alpha decision. That makes the relative overhead an upper
     bound for a real mix (whose steps also carry the safety delta). ``plugin_cfg`` must set
     ``default_alpha`` 0: an auto request carries the default alpha until the probe decides, and any
-    other default would add safety-delta work to the auto batch in layers <= L of its prefill. Why not the HTTP server: on this
-    shared 2-core machine its Python frontend and the client compete with the worker, and two runs of
+    other default would add safety-delta work to the auto batch in layers <= L of its prefill.
+    Why not the HTTP server: on this shared 2-core machine its Python frontend and the client compete with the worker, and two runs of
     the same arm differed by up to 5x (508 vs 2611 tok/s), drowning a 2% effect.
     """
     from vllm import SamplingParams
@@ -229,11 +229,13 @@ def guard_ab_engine(
         batch("auto"), batch(0.0)  # warm-up
         tok_s: dict[str, list[float]] = {"auto": [], "fixed": []}
         same_tokens = True
+        alpha_of: dict[str, float | str] = {"auto": "auto", "fixed": 0.0}
         for r in range(rounds):
-            got = {}
+            tokens: dict[str, list[list[int]]] = {}
             for which in ("auto", "fixed") if r % 2 == 0 else ("fixed", "auto"):
-                tok_s[which].append((got.setdefault(which, batch("auto" if which == "auto" else 0.0)))[0])
-            same_tokens &= got["auto"][1] == got["fixed"][1]
+                speed, tokens[which] = batch(alpha_of[which])
+                tok_s[which].append(speed)
+            same_tokens &= tokens["auto"] == tokens["fixed"]
             print(
                 f"    guard A/B round {r + 1}/{rounds}: auto {tok_s['auto'][-1]:.1f}, "
                 f"alpha 0 {tok_s['fixed'][-1]:.1f} tok/s",

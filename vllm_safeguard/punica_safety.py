@@ -621,16 +621,16 @@ def plan_guard_step(runner: Any, input_batch: Any, num_scheduled_tokens: Any) ->
     n = len(num_scheduled_tokens)
     req_ids = input_batch.req_ids[:n]
 
-    def extra(i: int) -> Any:
-        return getattr(getattr(runner.requests.get(req_ids[i]), "sampling_params", None), "extra_args", None)
+    def flags(i: int) -> tuple[bool, bool]:
+        extra = getattr(getattr(runner.requests.get(req_ids[i]), "sampling_params", None), "extra_args", None)
+        return wants_auto(extra), wants_score(extra)
 
     guard.plan_step(
         req_ids,
         num_scheduled_tokens,
         input_batch.num_computed_tokens_cpu[:n],
         input_batch.num_prompt_tokens[:n],
-        lambda i: wants_auto(extra(i)),
-        lambda i: wants_score(extra(i)),
+        flags,
     )
 
 

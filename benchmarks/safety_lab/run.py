@@ -427,18 +427,19 @@ def safegene_options(
 # ------------------------------------------------------------------------------------------ main
 
 
+# (generation list, per-item verdict) of a job's result.
+_VERDICTS = (("harmful", "refused"), ("benign", "refused"), ("tasks", "correct"))
+
+
 def _judged(result: dict[str, Any]) -> list[Any]:
     """Per-item outcomes of a job: refusal flags of the harmful and benign prompts, task correctness."""
     g = result["generations"]
-    return [
-        [x.get("refused") for x in g.get("harmful", [])],
-        [x.get("refused") for x in g.get("benign", [])],
-    ] + [[t.get("correct") for t in g.get("tasks", [])]]
+    return [[x.get(key) for x in g.get(part, [])] for part, key in _VERDICTS]
 
 
 def _texts(result: dict[str, Any]) -> list[str]:
     g = result["generations"]
-    return [x["output"] for part in ("harmful", "benign", "tasks") for x in g.get(part, [])]
+    return [x["output"] for part, _ in _VERDICTS for x in g.get(part, [])]
 
 
 def carry_over(path: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -505,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="an earlier safety_lab.json: its evaluation jobs that this run did not generate are added to "
-        "the report, but only if every job both runs have is token-for-token identical (same models)",
+        "the report, but only if every job both runs have got the same refusal and task verdicts, item by "
+        "item (same models); the count of generations whose text differs is reported",
     )
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -21,6 +21,11 @@ def _probe(hidden: int = 4, threshold: float = 0.5) -> GuardProbe:
     return GuardProbe(w, torch.tensor(0.0), torch.zeros(hidden), torch.ones(hidden), manifest)
 
 
+def _flags(auto: list[bool], record: list[bool] | None = None):
+    """``plan_step``'s flags callback from per-request lists."""
+    return lambda i: (auto[i], bool(record and record[i]))
+
+
 def test_plan_step_finds_requests_whose_prefill_ends():
     rt = GuardRuntime(_probe(), lambda *a: None)
     # r0: prefill 5 tokens fully scheduled; r1: decode; r2: chunked prefill not finished; r3: not auto
@@ -29,14 +34,13 @@ def test_plan_step_finds_requests_whose_prefill_ends():
         [5, 1, 4, 3],
         [0, 9, 0, 0],
         [5, 7, 10, 3],
-        [True, True, True, False],
-        [True, False, False, False],
+        _flags([True, True, True, False], [True, False, False, False]),
     )
     assert [(p.req_id, p.token_index, p.token_start, p.token_end, p.record) for p in rt.pending] == [
         ("r0", 4, 0, 5, True)
     ]
     # r2's last chunk: computed 8 of 10, 2 scheduled at offset 0 -> last prompt token at index 1
-    rt.plan_step(["r2"], [2], [8], [10], [True])
+    rt.plan_step(["r2"], [2], [8], [10], _flags([True]))
     assert [(p.req_id, p.token_index) for p in rt.pending] == [("r2", 1)]
 
 
@@ -49,7 +53,7 @@ def test_hook_scores_decides_and_records(tmp_path):
         runtime_dir=tmp_path,
         observe=lambda s, f: seen.append((s, f)),
     )
-    rt.plan_step(["cmpl-a-0-x", "cmpl-b-0-y"], [2, 3], [0, 0], [2, 3], [True, True], [True, False])
+    rt.plan_step(["cmpl-a-0-x", "cmpl-b-0-y"], [2, 3], [0, 0], [2, 3], _flags([True, True], [True, False]))
     hidden = torch.zeros(5, 4)
     hidden[1, 0] = 1.0  # request a's last prompt token: harmful
     hidden[4, 0] = -1.0  # request b's: benign
@@ -116,9 +120,9 @@ def test_plan_step_looks_up_flags_only_for_requests_ending_their_prefill():
     rt = GuardRuntime(_probe(), lambda *a: None)
     asked: list[int] = []
 
-    def auto(i: int) -> bool:
+    def flags(i: int) -> tuple[bool, bool]:
         asked.append(i)
-        return True
+        return True, i == 2
 
     # 3 decoding requests and one (index 2) whose 6-token prefill is scheduled whole at offset 2
     rt.plan_step(
@@ -126,8 +130,7 @@ def test_plan_step_looks_up_flags_only_for_requests_ending_their_prefill():
         np.array([1, 1, 6, 1], dtype=np.int32),
         np.array([9, 4, 0, 7], dtype=np.int32),
         np.array([5, 3, 6, 2], dtype=np.int32),
-        auto,
-        lambda i: i == 2,
+        flags,
     )
     assert asked == [2]
     assert [(p.req_id, p.token_index, p.token_start, p.token_end, p.record) for p in rt.pending] == [

@@ -73,14 +73,13 @@ class GuardRuntime:
         num_scheduled: Sequence[int] | np.ndarray,
         num_computed: Sequence[int] | np.ndarray,
         num_prompt: Sequence[int] | np.ndarray,
-        wants_auto: Sequence[bool] | Callable[[int], bool],
-        wants_record: Sequence[bool] | Callable[[int], bool] | None = None,
+        flags: Callable[[int], tuple[bool, bool]],
     ) -> None:
         """Find the requests whose prefill ends in this step (see module Semantics).
 
-        Runs before every forward pass, decode steps included, so the test is vectorized and the
-        per-request flags (``wants_*``: a sequence, or a function of the batch index, consulted only
-        for requests whose prefill ends here) are never looked up for decoding requests.
+        Runs before every forward pass, decode steps included, so the test is vectorized, and
+        ``flags(i)`` -> (wants "auto", wants its score returned) is asked only for the requests whose
+        prefill ends here, never for decoding ones.
         """
         n = np.asarray(num_scheduled, dtype=np.int64)[: len(req_ids)]
         c = np.asarray(num_computed, dtype=np.int64)[: len(n)]
@@ -88,15 +87,13 @@ class GuardRuntime:
         starts = np.cumsum(n) - n
         self.pending = []
         for i in np.flatnonzero((c < p) & (p <= c + n)).tolist():
-            if not (wants_auto(i) if callable(wants_auto) else wants_auto[i]):
-                continue
-            rec = False
-            if wants_record is not None:
-                rec = wants_record(i) if callable(wants_record) else wants_record[i]
-            start = int(starts[i])
-            self.pending.append(
-                PendingScore(req_ids[i], start + int(p[i] - c[i]) - 1, start, start + int(n[i]), bool(rec))
-            )
+            auto, record = flags(i)
+            if auto:
+                start = int(starts[i])
+                end = start + int(n[i])
+                self.pending.append(
+                    PendingScore(req_ids[i], start + int(p[i] - c[i]) - 1, start, end, record)
+                )
 
     def _to(self, device: torch.device, dtype: torch.dtype) -> None:
         pr = self.probe
