@@ -206,7 +206,7 @@ def translator_train(
     out: Path = typer.Option(
         ..., help="Output folder (translator.safetensors + translator.json, checkpoints/)."
     ),
-    k: int = typer.Option(8, help="Alignment directions per module the translator edits."),
+    k: int = typer.Option(16, help="Directions of the learned output basis per module the translator edits."),
     hidden: int = typer.Option(128, help="Expert MLP width."),
     expert_steps: int = typer.Option(400, help="Training steps per expert."),
     router_steps: int = typer.Option(200, help="Training steps of the router."),

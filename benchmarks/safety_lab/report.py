@@ -30,7 +30,7 @@ METHOD_LABELS = {
     "translator-surgical": "NeWTral translator (surgical expert)",
     "translator-aggressive": "NeWTral translator (aggressive expert)",
     "translator-moe": "NeWTral translator (MoE)",
-    "alpha-0": "alpha 0 (= no repair, token-exact)",
+    "alpha-0": "alpha 0 (unrepaired, through vLLM's LoRA path)",
     "auto": "DSA auto (guard picks alpha)",
     "auto-cal": "DSA auto, alpha_high calibrated on the few-shot split",
 }
@@ -239,6 +239,19 @@ def _markdown(
             f"{carried['generations_compared']} generations are token-identical (vLLM's batch composition can "
             "flip a greedy token), so both runs evaluated the same models and adapters.",
         ]
+    mv = meta.get("merged_vs_lora")
+    L += [
+        "",
+        "Rows that measure an adapter as given (no repair and every weight-space repair) are generated with "
+        "the adapter's update merged into the aligned weights (W + s B A, one vLLM engine without LoRA, "
+        "the same at any rank); the alpha and auto rows go through vLLM's LoRA path with the plugin on.",
+    ]
+    if mv:
+        L[-1] += (
+            f" Check of the two paths on the unrepaired adapters (merged 'no repair' vs LoRA-path 'alpha 0'): "
+            f"{mv['verdicts_same']} of {mv['verdicts']} refusal/task verdicts and {mv['texts_same']} of "
+            f"{mv['texts']} generations identical (they differ only by float rounding order)."
+        )
     L += [
         "",
         "## Models (no adapter)",

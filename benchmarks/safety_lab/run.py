@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from benchmarks.safety_lab import extras
 from benchmarks.safety_lab.cache import T0, cached_dir, cached_json, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig
-from benchmarks.safety_lab.eval_stage import job_rank, stage_eval, subset_tasks, suite_key
+from benchmarks.safety_lab.eval_stage import stage_eval, subset_tasks, suite_key
+from benchmarks.safety_lab.translator_cal import calibrate_risk_weight
 from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate, make_generator
 from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
 from vllm_safeguard.lab import data as D
@@ -321,7 +322,13 @@ def stage_repairs(
     artifacts["reference"] = (stage_dir("reference", ref_key) / "artifact", ref_key)
     translator, tr_key, tr_error = None, "none", None
     try:
-        translator, tr_key = extras.stage_translator(cfg, reference, ref_key, adapters)
+        cal = calibrate_risk_weight(cfg, reference, ref_key, adapters, data, aligned, build_missing=build)
+        if cal is None:
+            raise RuntimeError("translator calibration not built yet (cached-only run)")
+        artifacts["translator_cal"] = cal
+        translator, tr_key = extras.stage_translator(
+            cfg, reference, ref_key, adapters, float(cal["risk_weight"])
+        )
     except Exception as e:
         tr_error = f"{type(e).__name__}: {e}"
         log(f"translator failed: {tr_error}\n{traceback.format_exc()}")
@@ -476,6 +483,35 @@ def carry_over(path: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any]
     }
 
 
+def merged_vs_lora(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """How the merged-weights evaluation of the unrepaired adapters ("none") compares with the same
+    adapters served through vLLM's LoRA path at alpha 0 (plugin on, alpha 0 = plugin off bit for bit):
+    per-item verdicts and generation texts."""
+    names = sorted(
+        k.split("|")[0] for k in results if k.endswith("|alpha-0") and k.split("|")[0] + "|none" in results
+    )
+    if not names:
+        return None
+    verdicts = texts = same_v = same_t = 0
+    for n in names:
+        a, b = results[f"{n}|none"], results[f"{n}|alpha-0"]
+        flat_a = [v for part in _judged(a) for v in part]
+        flat_b = [v for part in _judged(b) for v in part]
+        for x, y in zip(flat_a, flat_b, strict=True):
+            verdicts += 1
+            same_v += x == y
+        for x, y in zip(_texts(a), _texts(b), strict=True):
+            texts += 1
+            same_t += x == y
+    return {
+        "adapters": names,
+        "verdicts": verdicts,
+        "verdicts_same": same_v,
+        "texts": texts,
+        "texts_same": same_t,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -487,12 +523,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="build nothing new after the adapters: report from the cached repairs and evaluations only "
         "(missing rows say 'not evaluated'); useful while a full run is still going",
-    )
-    ap.add_argument(
-        "--high-jobs",
-        default=None,
-        help="regex: generate only the rank>8 repair jobs whose '<adapter>|<method>' key matches "
-        "(one engine per rank bucket); the rest are reported from the cache",
     )
     ap.add_argument(
         "--only",
@@ -558,13 +588,13 @@ def main(argv: list[str] | None = None) -> int:
         if "path" in rv:
             name = rk.split("|")[0]
             jobs[rk] = (rv["path"], suite_for(cfg, data, (adapters[name]["domain"],)))
-    # Rank-8 jobs (the model, the unrepaired adapters, rank-preserving repairs) first: every other row
-    # needs their results; then the plugin engine (alpha / auto rows), then the higher-rank repairs.
-    # Each chunk of jobs is cached when done, so an interrupted run keeps what it generated.
-    low = {k: v for k, v in jobs.items() if job_rank(v) <= 8}
-    results = timed("eval", lambda: run_eval(low))
+    # Every job that measures an adapter as given (the model, unrepaired adapters, every weight-space
+    # repair at any rank) in one merged-weights engine; each job is cached when done, so an
+    # interrupted run keeps what it generated. Then the plugin engines (alpha / auto rows).
+    results = timed("eval", lambda: run_eval(jobs))
     for name, info in adapters.items():
-        results[f"{name}|removed"] = subset_tasks(results["aligned"], full_suite, info["domain"])
+        if "aligned" in results:  # absent only in a --cached-only / --only run that lacks it
+            results[f"{name}|removed"] = subset_tasks(results["aligned"], full_suite, info["domain"])
     guard_metrics = None
     calibration: dict[str, Any] | None = None
     if "safety" in artifacts:
@@ -586,25 +616,6 @@ def main(argv: list[str] | None = None) -> int:
             results.update(
                 timed("eval_auto_cal", lambda: run_eval(cal_jobs, plugin=(cal_cfg, cal_plugin_key)))
             )
-        for name, info in adapters.items():
-            if info["role"] == "eval" and f"{name}|none" in results:
-                # alpha 0 serves the adapter unchanged (token-exact, tests/e2e/test_alpha_server.py).
-                results[f"{name}|{extras.alpha_method(0.0)}"] = results[f"{name}|none"]
-    high_keys = sorted(
-        (k for k in jobs if k not in low), key=lambda k: extras.high_rank_priority(k, adapters, cfg)
-    )
-    if args.high_jobs:
-        skipped = {k: jobs[k] for k in high_keys if not re.search(args.high_jobs, k)}
-        results.update(stage_eval(cfg, aligned, skipped, generate=False))  # cached ones still count
-        high_keys = [k for k in high_keys if k not in skipped]
-    high = {k: jobs[k] for k in high_keys}
-    results.update(
-        timed(
-            "eval_high_rank",
-            # One engine at the serving rank bound keeps the priority order across ranks.
-            lambda: run_eval(high, one_engine_rank=None if args.high_jobs else cfg.repair_max_rank),
-        )
-    )
 
     from benchmarks.safety_lab.report import write_report
 
@@ -623,9 +634,11 @@ def main(argv: list[str] | None = None) -> int:
         "repairs": repairs,
         "guard": guard_metrics,
         "alpha_calibration": calibration,
+        "translator_calibration": artifacts.get("translator_cal"),
         "timings_s": timings,
         "methods_available": api is not None,
         "carried_over": carried,
+        "merged_vs_lora": merged_vs_lora(results),
         "only": args.only,
     }
     write_report(args.results_dir, meta, base_out["eval"], results, adapters, METHODS, add_fidelity)

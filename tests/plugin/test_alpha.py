@@ -209,6 +209,27 @@ def test_cpu_wrapper_alpha_zero_and_uncovered_layers_are_bit_identical() -> None
     assert torch.equal(y, ref)
 
 
+def test_cpu_wrapper_leaves_base_model_tokens_alone_when_last_slot_is_loaded() -> None:
+    """vLLM-CPU's torch ops read slot -1 (the last one) for base-model tokens; ours must not."""
+    ours, plain, a, b = _wrapper_and_layer()
+    g = torch.Generator().manual_seed(5)
+    for t in (*a, *b):
+        t[-1].copy_(torch.randn(t[-1].shape, generator=g))  # an adapter in the last slot
+    x = torch.randn(7, IN, generator=g)
+    y0 = torch.randn(7, sum(OUTS), generator=g)
+    ref = y0.clone()
+    plain.add_lora_linear(ref, x, a, b, 1.0, OUTS)
+    bare = [3, 4]  # request 2 has no adapter
+    # vLLM's own behaviour (if this starts failing, vLLM fixed -1 and the restore can go):
+    assert not torch.equal(ref[bare], y0[bare])
+    ours.set_token_alpha(torch.zeros(7))
+    y = y0.clone()
+    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+    assert torch.equal(y[bare], y0[bare])
+    lora_rows = [0, 1, 2, 5, 6]
+    assert torch.equal(y[lora_rows], ref[lora_rows])  # adapter tokens: vLLM's ops, bit for bit
+
+
 def test_alpha_buffer_updated_in_place_and_tail_cleared() -> None:
     ours, _, _, _ = _wrapper_and_layer()
     buf = ours.safeguard_alpha

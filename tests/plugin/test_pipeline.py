@@ -160,11 +160,17 @@ def test_missing_reference_is_reported_with_the_places_tried(workspace: Workspac
 
 def test_translator_method_in_the_pipeline(workspace: Workspace, cache_dir: Path) -> None:
     """Method 'translator': the artifact is located by config, used, and named in the report."""
+    from vllm_safeguard.adapter_io import load_adapter
     from vllm_safeguard.reference import AlignmentReference
     from vllm_safeguard.translator import Translator, TranslatorConfig, TranslatorManifest
+    from vllm_safeguard.translator.train import fit_bases
 
     ref = AlignmentReference.load(workspace.reference)
-    art = Translator(TranslatorConfig(k=4, hidden=8, router_hidden=4)).save(
+    # A basis fitted to one (unsafe, benign) pair: enough for the pipeline to locate, apply and report.
+    basis = fit_bases(
+        [(load_adapter(workspace.adapters["unsafe"]), load_adapter(workspace.adapters["benign0"]))], 4
+    )
+    art = Translator(TranslatorConfig(k=4, hidden=8, router_hidden=4), basis).save(
         cache_dir.parent / "translator",
         TranslatorManifest(
             config=TranslatorConfig(k=4, hidden=8, router_hidden=4), reference_hash=ref.manifest.content_hash

@@ -17,6 +17,8 @@ from vllm_safeguard.translator import (
     build_dataset,
     train_translator,
 )
+from vllm_safeguard.translator.representation import apply_shrink, fit_basis, optimal_shrink
+from vllm_safeguard.translator.train import fit_bases
 
 
 def _unsafe_variant(safe: LoRAAdapter, reference, strength: float, seed: int) -> LoRAAdapter:
@@ -42,27 +44,33 @@ def pairs(tiny_reference, tiny_spec):
 
 
 @pytest.fixture(scope="module")
-def trained(pairs, tiny_reference):
-    data = build_dataset(pairs[:6], tiny_reference, k=4)
+def trained(pairs):
+    data = build_dataset(pairs[:6], k=4)
     cfg = TranslatorConfig(k=4, hidden=32, router_hidden=8, seed=0)
     return train_translator(data, cfg, expert_steps=150, router_steps=80, lr=1e-2, progress=False)
 
 
+def _untrained(pairs, **kw) -> Translator:
+    return Translator(TranslatorConfig(k=4, hidden=16, router_hidden=8, **kw), fit_bases(pairs[:2], 4))
+
+
 def test_forward_validity_and_routing_sums_to_one(tiny_reference, pairs):
-    model = Translator(TranslatorConfig(k=4, hidden=16, router_hidden=8))
+    model = _untrained(pairs)
     res = repair(pairs[0][0], tiny_reference, "translator", max_rank=8, translator=model)
     assert res.report.modules_touched == len(pairs[0][0].modules)
     for name, mod in res.adapter.modules.items():
-        assert mod.lora_a.shape[1] == pairs[0][0].modules[name].in_features
-        assert mod.rank <= 8 and mod.lora_a.isfinite().all() and mod.lora_b.isfinite().all()
+        src = pairs[0][0].modules[name]
+        assert mod.lora_a.shape[1] == src.in_features and mod.lora_b.shape[0] == src.out_features
+        assert mod.rank <= min(8, src.rank)  # a shrink never adds rank
+        assert mod.lora_a.isfinite().all() and mod.lora_b.isfinite().all()
     for rep in res.report.modules:
         assert rep.extra["w_surgical"] + rep.extra["w_aggressive"] == pytest.approx(1.0, abs=1e-6)
     assert res.report.summary["dominant_expert"] in ("surgical", "aggressive")
 
 
 def test_untrained_translator_is_identity(tiny_reference, pairs):
-    """Zero-initialised expert heads: before training the edit is exactly nothing (g = 0 for surgical)."""
-    model = Translator(TranslatorConfig(k=4, hidden=16, router_hidden=8))
+    """Zero-initialised expert heads: before training the edit is exactly nothing (g = 0)."""
+    model = _untrained(pairs)
     res = repair(
         pairs[0][0], tiny_reference, "translator", {"mode": "surgical"}, max_rank=64, translator=model
     )
@@ -94,6 +102,9 @@ def test_save_load_round_trip_and_tamper(tmp_path, trained, pairs, tiny_referenc
     out = model.save(tmp_path / "tr", TranslatorManifest(config=model.config))
     loaded, manifest = Translator.load(out)
     assert manifest.config == model.config
+    assert loaded.basis.keys() == model.basis.keys()
+    for name, basis in model.basis.items():
+        assert torch.equal(loaded.basis[name].u, basis.u) and torch.equal(loaded.basis[name].s, basis.s)
     a = repair(pairs[7][0], tiny_reference, "translator", translator=model).adapter
     b = repair(pairs[7][0], tiny_reference, "translator", translator=loaded).adapter
     for name in a.modules:
@@ -104,7 +115,7 @@ def test_save_load_round_trip_and_tamper(tmp_path, trained, pairs, tiny_referenc
 
 
 def test_determinism_with_seed(pairs, tiny_reference):
-    data = build_dataset(pairs[:2], tiny_reference, k=4)
+    data = build_dataset(pairs[:2], k=4)
     cfg = TranslatorConfig(k=4, hidden=16, router_hidden=8, seed=3)
     m1, h1 = train_translator(data, cfg, expert_steps=10, router_steps=5, progress=False)
     m2, h2 = train_translator(data, cfg, expert_steps=10, router_steps=5, progress=False)
@@ -116,6 +127,36 @@ def test_determinism_with_seed(pairs, tiny_reference):
 def test_translator_method_needs_an_artifact(tiny_reference, pairs):
     with pytest.raises(RepairError, match="translator"):
         repair(pairs[0][0], tiny_reference, "translator")
+    bare = Translator(TranslatorConfig(k=4, hidden=16, router_hidden=8))  # no basis: nothing it can edit
+    with pytest.raises(RepairError, match="no basis for any module"):
+        repair(pairs[0][0], tiny_reference, "translator", translator=bare)
+
+
+def test_basis_finds_the_correction_direction_and_shrink_targets_it() -> None:
+    """Pairs whose safe adapter is the unsafe one minus a component along one output direction u0:
+    the basis's first direction is u0 and the optimal shrink there is 1 (elsewhere: nothing to fix)."""
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, r = 12, 10, 3
+    u0 = torch.nn.functional.normalize(torch.randn(out_f, generator=g), dim=0)
+    pairs = []
+    for _ in range(3):
+        a_task, b_task = torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g) * 0.1
+        a_harm = torch.randn(1, in_f, generator=g)
+        safe = LoRAModule("model.layers.0.mlp.down_proj", a_task, b_task, 1.0)
+        unsafe = LoRAModule(
+            safe.name, torch.cat([a_task, a_harm]), torch.cat([b_task, 2.0 * u0[:, None]], 1), 1.0
+        )
+        pairs.append((unsafe, safe))
+    basis = fit_basis(pairs, k=2)
+    assert torch.allclose(basis.u.T @ basis.u, torch.eye(2), atol=1e-5)
+    assert abs(float(basis.u[:, 0] @ u0)) > 0.999 and float(basis.s[1]) < 1e-4 * float(basis.s[0])
+    unsafe, safe = pairs[0]
+    g_star = optimal_shrink(unsafe, safe, basis)
+    # direction 0 holds the harm plus the task's small share along u0: g* = 1 - <a,b>/|a|^2 < 1 but close
+    assert 0.9 < float(g_star[0]) <= 1.0
+    fixed, ratio = apply_shrink(unsafe, basis, torch.tensor([1.0, 0.0]))
+    assert torch.allclose(u0 @ fixed.delta(), torch.zeros(in_f), atol=1e-5)  # nothing left along u0
+    assert fixed.rank == unsafe.rank and 0 < ratio < 1
 
 
 def test_cli_train_and_repair(tmp_path, pairs, tiny_reference):

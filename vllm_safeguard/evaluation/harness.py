@@ -74,8 +74,14 @@ class VLLMGenerator:
         safeguard_plugin: bool = False,
         safeguard_config: dict[str, Any] | None = None,
         max_num_batched_tokens: int | None = None,
+        enable_lora: bool = True,
     ) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # vLLM-CPU keeps one core for the frontend process by default, so on a 2-core machine the
+        # model runs on one. In this offline engine the frontend only waits for the batch: giving
+        # the worker both cores took the lab's 220-prompt suite from 26.3 s to 16.3 s, with
+        # identical greedy outputs (SmolLM2-135M, 2 cores). An explicit setting wins; like
+        # SAFEGUARD_ENABLED below, it is set only while LLM() starts the engine's processes.
         from vllm import LLM
 
         rank = next((r for r in self.SUPPORTED_RANKS if r >= max_lora_rank), self.SUPPORTED_RANKS[-1])
@@ -89,26 +95,28 @@ class VLLMGenerator:
             extra["additional_config"] = {"safeguard": safeguard_config}
         if max_num_batched_tokens:
             extra["max_num_batched_tokens"] = max_num_batched_tokens
-        saved = os.environ.get("SAFEGUARD_ENABLED")
+        env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
         if not safeguard_plugin:
-            os.environ["SAFEGUARD_ENABLED"] = "false"
+            env["SAFEGUARD_ENABLED"] = "false"
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             self.llm = LLM(
                 model=str(model_dir),
                 dtype=dtype,
-                enable_lora=True,
-                max_loras=max_loras,
-                max_lora_rank=rank,
+                enable_lora=enable_lora,
+                **({"max_loras": max_loras, "max_lora_rank": rank} if enable_lora else {}),
                 max_model_len=max_model_len,
                 seed=seed,
                 enforce_eager=True,
                 **extra,
             )
         finally:
-            if saved is None:
-                os.environ.pop("SAFEGUARD_ENABLED", None)
-            else:
-                os.environ["SAFEGUARD_ENABLED"] = saved
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         self.tokenizer = self.llm.get_tokenizer()
         self._ids: dict[str, int] = {}
 

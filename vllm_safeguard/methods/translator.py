@@ -1,10 +1,11 @@
-"""NeWTral repair: a trained translator maps each module's alignment coordinates to a safe version.
+"""NeWTral repair: a trained translator shrinks each module's update along its learned basis.
 
-Semantics: see :mod:`vllm_safeguard.translator.model` (per-layer mixture of expert edits) and
-:mod:`vllm_safeguard.translator.representation` (``dW' = dW + U dC Vh - g U R_left``). Modules the
-reference does not cover pass through unchanged. The per-layer routing weights and shrink go into
-each module report's ``extra`` (``w_<expert>``, ``shrink``); the dominant expert (largest mean
-weight over layers) into ``RepairReport.summary``.
+Semantics: see :mod:`vllm_safeguard.translator.model` (per-layer mixture of expert shrinks) and
+:mod:`vllm_safeguard.translator.representation` (``dW' = dW - U diag(g) U^T dW``, same rank). Modules
+the translator has no basis for pass through unchanged. The per-layer routing weights and the mean
+shrink go into each module report's ``extra`` (``w_<expert>``, ``shrink``); the dominant expert
+(largest mean weight over layers) into ``RepairReport.summary``. The alignment reference is not read
+(the translator carries its own basis); the plugin still checks that both name the same base model.
 """
 
 from __future__ import annotations
@@ -39,31 +40,38 @@ def repair_modules(
     safety=None,
     translator=None,
 ) -> MethodOutput:
-    from ..translator.representation import apply_edit, view_module
-    from ..translator.train import n_layers_of
+    from ..lowrank import bound_rank
+    from ..translator.representation import apply_shrink, n_layers_of, view_module
 
     if translator is None:
         raise RepairError("method 'translator' needs a trained translator artifact (none configured)")
     bound = max_rank or opts.default_max_rank
-    k = translator.config.k
-    n_layers = n_layers_of(reference)
-    names = [n for n in adapter.modules if n in reference.modules]
-    views = [view_module(adapter.modules[n], reference.modules[n], k, n_layers) for n in names]
+    n_layers = n_layers_of(list(translator.basis))
+    names = [n for n in adapter.modules if n in translator.basis]
+    if not names:
+        raise RepairError(
+            "the translator has no basis for any module of this adapter "
+            f"(adapter modules e.g. {sorted(adapter.modules)[:2]}, translator e.g. {sorted(translator.basis)[:2]})"
+        )
+    views = [view_module(adapter.modules[n], translator.basis[n], n_layers) for n in names]
     layers = [layer_index(n) or 0 for n in names]
     uniq = sorted(set(layers))
     slot = torch.tensor([uniq.index(x) for x in layers])
     with torch.no_grad():
-        dc, g, weights = translator.mix(torch.stack([v.features() for v in views]), slot, opts.mode)
+        g, weights = translator.mix(torch.stack([v.features() for v in views]), slot, opts.mode)
     modules: dict[str, LoRAModule] = dict(adapter.modules)
     reports: list[ModuleReport] = []
     kinds = translator.config.experts
     for i, name in enumerate(names):
-        mod, view = adapter.modules[name], views[i]
-        new, kept = apply_edit(mod, reference.modules[name], k, dc[i] * view.scale, float(g[i]), bound)
+        mod = adapter.modules[name]
+        shrunk, ratio = apply_shrink(mod, translator.basis[name], g[i])
+        b2, a2, kept = bound_rank(shrunk.lora_b, shrunk.lora_a, bound)  # same rank: only if over the bound
+        new = LoRAModule(name, a2, b2, 1.0)
         modules[name] = new
         extra = {f"w_{kind}": float(weights[slot[i], e]) for e, kind in enumerate(kinds)}
-        extra["shrink"] = float(g[i])
-        extra["edit_norm"] = float(dc[i].norm())
+        extra["shrink"] = float((views[i].energy * g[i]).sum())  # energy-weighted mean shrink
+        extra["shrink_max"] = float(g[i].max())
+        extra["update_energy_ratio"] = ratio  # ||dW'||^2 / ||dW||^2
         reports.append(
             ModuleReport(
                 module=name,

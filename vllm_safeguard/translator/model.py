@@ -1,15 +1,17 @@
-"""NeWTral translator networks: experts that edit a module's alignment coordinates, and a router.
+"""NeWTral translator networks: experts that shrink a module's update along its learned basis, and a router.
 
-Semantics (per module ``m`` in layer ``l``; ``f_m`` = :meth:`ModuleView.features`)::
+Semantics (per module ``m`` in layer ``l``; ``f_m`` = :meth:`ModuleView.features`, ``U_m`` the module's
+translation basis, see representation.py)::
 
-    expert_e(f_m)  -> (dC_e [k, k], g_e in [0, 1])          # g fixed at 0 for surgical experts
-    w_l            = softmax(router(mean_m f_m over layer l))   # mixture weights per layer, sum 1
-    dC_m, g_m      = sum_e w_l[e] * dC_e,  sum_e w_l[e] * g_e
-    dW'_m          = dW_m + U dC_m Vh - g_m U R_left_m           (see representation.py)
+    expert_e(f_m)  -> g_e [k] in [0, g_max]                  # per-direction shrink
+    w_l            = softmax(router(mean_m f_m over layer l))  # mixture weights per layer, sum 1
+    g_m            = sum_e w_l[e] * g_e
+    dW'_m          = dW_m - U_m diag(g_m) U_m^T dW_m           # same rank as dW_m
 
-Surgical experts are trained toward the matched safe adapter's coordinates (small, targeted
-corrections); aggressive experts toward an overshoot past it plus a left-remainder shrink (strong
-alignment). The router is trained on coordinate fidelity plus a penalty on the remaining risk.
+Surgical experts are trained toward each direction's optimal shrink toward the matched safe adapter
+(weighted by how much of the update lies there, with a penalty on large edits); aggressive experts
+toward an overshoot past it (strong alignment). The router is trained on fidelity to the safe
+adapter plus a penalty on the compliance energy left after translation.
 """
 
 from __future__ import annotations
@@ -25,14 +27,21 @@ from torch import nn
 
 from ..errors import ReferenceArtifactError
 from ..reference import sha256_file
-from .representation import feature_dim
+from .representation import ModuleBasis, feature_dim
 
 WEIGHTS_NAME = "translator.safetensors"
+# The translation bases live in the same file, as ``basis::<module path>::u`` / ``::s``.
+BASIS_PREFIX, BASIS_U, BASIS_S = "basis::", "::u", "::s"
 MANIFEST_NAME = "translator.json"
 
 
 class TranslatorConfig(BaseModel, extra="forbid"):
-    k: int = Field(8, ge=1, le=64, description="Alignment directions per module the translator edits.")
+    k: int = Field(
+        16, ge=1, le=64, description="Directions of the learned output basis per module the translator edits."
+    )
+    g_max: float = Field(
+        2.0, gt=0, le=4, description="Largest per-direction shrink (1 removes a component, 2 reverses it)."
+    )
     hidden: int = Field(128, ge=4, description="Hidden width of every expert MLP.")
     router_hidden: int = Field(32, ge=2, description="Hidden width of the router MLP.")
     experts: list[str] = Field(
@@ -43,7 +52,7 @@ class TranslatorConfig(BaseModel, extra="forbid"):
 
 
 class TranslatorManifest(BaseModel):
-    format_version: int = 1
+    format_version: int = 2
     config: TranslatorConfig
     model_fingerprint: str | None = Field(None, description="Base model the translator applies to.")
     reference_hash: str | None = Field(None, description="content_hash of the reference it was trained with.")
@@ -52,23 +61,21 @@ class TranslatorManifest(BaseModel):
 
 
 class Expert(nn.Module):
-    """MLP: features -> (dC [k*k], g). Output layer starts at zero so an untrained expert is identity."""
+    """MLP: features -> per-direction shrink ``g`` [k] = ``g_max * clamp(h, 0, 1)``. The output layer
+    starts at zero, so an untrained expert is exactly the identity (and still has gradients at 0)."""
 
-    def __init__(self, k: int, hidden: int, aggressive: bool) -> None:
+    def __init__(self, k: int, hidden: int, g_max: float) -> None:
         super().__init__()
-        self.k, self.aggressive = k, aggressive
+        self.k, self.g_max = k, g_max
         self.net = nn.Sequential(
             nn.Linear(feature_dim(k), hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
         )
-        self.head = nn.Linear(hidden, k * k + 1)
+        self.head = nn.Linear(hidden, k)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head(self.net(feats))
-        dc = out[:, : self.k * self.k].view(-1, self.k, self.k)
-        g = torch.sigmoid(out[:, -1] - 4.0) if self.aggressive else torch.zeros_like(out[:, -1])
-        return dc, g
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.g_max * self.head(self.net(feats)).clamp(0.0, 1.0)
 
 
 class Router(nn.Module):
@@ -81,27 +88,29 @@ class Router(nn.Module):
 
 
 class Translator(nn.Module):
-    def __init__(self, config: TranslatorConfig) -> None:
+    def __init__(self, config: TranslatorConfig, basis: dict[str, ModuleBasis] | None = None) -> None:
         super().__init__()
         torch.manual_seed(config.seed)
         for kind in config.experts:
             if kind not in ("surgical", "aggressive"):
                 raise ValueError(f"expert kind must be 'surgical' or 'aggressive', got {kind!r}")
         self.config = config
-        self.experts = nn.ModuleList(
-            Expert(config.k, config.hidden, kind == "aggressive") for kind in config.experts
-        )
+        self.experts = nn.ModuleList(Expert(config.k, config.hidden, config.g_max) for _ in config.experts)
         self.router = Router(config.k, config.router_hidden, len(config.experts))
+        #: module path -> learned translation basis (modules without one pass through unchanged)
+        self.basis: dict[str, ModuleBasis] = dict(basis or {})
+        for name, b in self.basis.items():
+            if b.u.shape[1] != config.k or b.s.shape != (config.k,):
+                raise ValueError(f"basis of {name!r} has {b.u.shape[1]} directions, config k={config.k}")
 
-    def expert_outputs(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([E, M, k, k], [E, M])`` for M modules."""
-        outs = [e(feats) for e in self.experts]
-        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    def expert_outputs(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[E, M, k]`` shrinks for M modules."""
+        return torch.stack([e(feats) for e in self.experts])
 
     def mix(
         self, feats: torch.Tensor, layer_of: torch.Tensor, mode: str = "moe"
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mixed ``(dC [M,k,k], g [M], weights [L,E])``; ``layer_of[m]`` = layer slot of module m.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed ``(g [M, k], weights [L, E])``; ``layer_of[m]`` = layer slot of module m.
 
         ``mode``: 'moe' (router), or an expert kind to use that expert alone (weights one-hot).
         """
@@ -115,18 +124,20 @@ class Translator(nn.Module):
                 raise ValueError(f"mode must be 'moe' or one of {self.config.experts}, got {mode!r}")
             weights = torch.zeros(n_layers, len(self.experts))
             weights[:, self.config.experts.index(mode)] = 1.0
-        dcs, gs = self.expert_outputs(feats)
+        gs = self.expert_outputs(feats)
         w = weights[layer_of]  # [M, E]
-        dc = torch.einsum("me,emij->mij", w, dcs)
-        g = (w * gs.T).sum(1)
-        return dc, g, weights
+        return torch.einsum("me,emk->mk", w, gs), weights
 
     # ------------------------------------------------------------------ disk
     def save(self, folder: str | os.PathLike[str], manifest: TranslatorManifest) -> Path:
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
+        for name, b in self.basis.items():
+            tensors[f"{BASIS_PREFIX}{name}{BASIS_U}"] = b.u.contiguous()
+            tensors[f"{BASIS_PREFIX}{name}{BASIS_S}"] = b.s.contiguous()
+        save_file(tensors, str(tmp))
         os.replace(tmp, out / WEIGHTS_NAME)
         manifest.content_hash = sha256_file(out / WEIGHTS_NAME)
         (out / (MANIFEST_NAME + ".tmp")).write_text(manifest.model_dump_json(indent=2))
@@ -143,6 +154,14 @@ class Translator(nn.Module):
         manifest = TranslatorManifest.model_validate(json.loads((root / MANIFEST_NAME).read_text()))
         if sha256_file(root / WEIGHTS_NAME) != manifest.content_hash:
             raise ReferenceArtifactError(f"{root / WEIGHTS_NAME}: sha256 does not match {MANIFEST_NAME}")
-        model = cls(manifest.config)
-        model.load_state_dict(load_file(str(root / WEIGHTS_NAME)))
+        tensors = load_file(str(root / WEIGHTS_NAME))
+        basis: dict[str, ModuleBasis] = {}
+        for key in [k for k in tensors if k.startswith(BASIS_PREFIX) and k.endswith(BASIS_U)]:
+            name = key[len(BASIS_PREFIX) : -len(BASIS_U)]
+            s_key = f"{BASIS_PREFIX}{name}{BASIS_S}"
+            if s_key not in tensors:
+                raise ReferenceArtifactError(f"{root / WEIGHTS_NAME}: {key} has no {s_key}")
+            basis[name] = ModuleBasis(tensors.pop(key), tensors.pop(s_key))
+        model = cls(manifest.config, basis)
+        model.load_state_dict(tensors)
         return model.eval(), manifest

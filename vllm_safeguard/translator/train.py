@@ -1,10 +1,12 @@
 """Training the translator on (unsafe adapter, safe adapter) pairs of the same domain and seed.
 
-Stage 1 trains each expert alone (surgical: toward the safe coordinates with a small-edit penalty;
-aggressive: toward an overshoot ``C_s + overshoot (C_s - C_u)`` and a left-remainder shrink). Stage 2
-freezes the experts and trains the router on fidelity to the safe coordinates plus
-``risk_weight * risk(C')`` (the anti-alignment left after translation). Everything runs on the
-factor-free module views, so a pair of 30-layer adapters is ~200 small samples.
+First the translation basis of every module is fitted to the pairs' corrections (representation.py).
+Stage 1 trains each expert alone (surgical: toward each direction's optimal shrink ``g*`` with a
+small-edit penalty; aggressive: toward ``g* + overshoot``). Stage 2 freezes the experts and trains the
+router on fidelity to the safe adapter plus ``risk_weight * risk`` (the compliance energy left after
+translation). Every loss is in the factor-free view: ``sum_j e_j (g_j - g*_j)^2`` is exactly the
+squared distance of the translated update to the safe one inside the basis, relative to ``||dW||^2``
+(up to a constant), so a pair of 30-layer adapters is ~200 small samples.
 """
 
 from __future__ import annotations
@@ -21,62 +23,67 @@ from tqdm.auto import tqdm
 from ..adapter import LoRAAdapter, layer_index
 from ..reference import AlignmentReference
 from .model import Translator, TranslatorConfig, TranslatorManifest
-from .representation import left_overlap, view_module
+from .representation import ModuleBasis, fit_basis, n_layers_of, optimal_shrink, view_module
 
 
 @dataclass
 class PairDataset:
     feats: torch.Tensor  # [M, F]
-    coords_u: torch.Tensor  # [M, k, k] normalized by s_1
-    coords_s: torch.Tensor  # [M, k, k]
-    sv: torch.Tensor  # [M, k]
-    g_star: torch.Tensor  # [M] best scalar shrink of the unsafe left remainder toward the safe one
+    energy: torch.Tensor  # [M, k] share of each unsafe update along each basis direction
+    sv: torch.Tensor  # [M, k] basis spectrum / sigma_1
+    g_star: torch.Tensor  # [M, k] per-direction shrink that best maps unsafe onto safe (clamped)
     group: torch.Tensor  # [M] (pair, layer) slot for routing
+    basis: dict[str, ModuleBasis] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.feats.shape[0])
 
 
-def n_layers_of(reference: AlignmentReference) -> int:
-    layers = [layer_index(n) for n in reference.modules]
-    return max((x for x in layers if x is not None), default=0) + 1
+def fit_bases(pairs: Sequence[tuple[LoRAAdapter, LoRAAdapter]], k: int) -> dict[str, ModuleBasis]:
+    """A translation basis for every module that every unsafe and safe adapter of the pairs has."""
+    shared = set(pairs[0][0].modules) if pairs else set()
+    for unsafe, safe in pairs:
+        shared &= set(unsafe.modules) & set(safe.modules)
+    return {
+        name: fit_basis([(u.modules[name], s.modules[name]) for u, s in pairs], k)
+        for name in sorted(shared, key=lambda n: (layer_index(n) or 0, n))
+    }
 
 
 def build_dataset(
-    pairs: Sequence[tuple[LoRAAdapter, LoRAAdapter]], reference: AlignmentReference, k: int
+    pairs: Sequence[tuple[LoRAAdapter, LoRAAdapter]], k: int, g_max: float = 2.0
 ) -> PairDataset:
-    """Module views of every (unsafe, safe) pair on the modules both adapters and the reference share."""
-    n_layers = n_layers_of(reference)
-    feats, cu, cs, sv, gs, group, names = [], [], [], [], [], [], []
+    """Module views and shrink targets of every (unsafe, safe) pair, on a basis fitted to the pairs."""
+    basis = fit_bases(pairs, k)
+    if not basis:
+        raise ValueError("no module is shared by every adapter of the pairs")
+    n_layers = n_layers_of(list(basis))
+    feats, energy, sv, gs, group, names = [], [], [], [], [], []
     for p, (unsafe, safe) in enumerate(pairs):
-        for name, mod_u in unsafe.modules.items():
-            sub, mod_s = reference.modules.get(name), safe.modules.get(name)
-            if sub is None or mod_s is None:
-                continue
-            vu = view_module(mod_u, sub, k, n_layers)
-            vs = view_module(mod_s, sub, k, n_layers)
-            lu, cross = left_overlap(mod_u, mod_s, sub, k)
-            feats.append(vu.features())
-            cu.append(vu.coords)
-            cs.append(vs.coords * (vs.scale / vu.scale))
-            sv.append(vu.sv)
-            gs.append(min(max(1.0 - cross / lu, 0.0), 1.0) if lu > 0 else 0.0)
+        for name, b in basis.items():
+            view = view_module(unsafe.modules[name], b, n_layers)
+            feats.append(view.features())
+            energy.append(view.energy)
+            sv.append(view.sv)
+            gs.append(optimal_shrink(unsafe.modules[name], safe.modules[name], b).clamp(0.0, g_max))
             group.append(p * n_layers + (layer_index(name) or 0))
             names.append(name)
-    if not feats:
-        raise ValueError("no module is shared by the pairs and the reference")
     _, slots = torch.unique(torch.tensor(group), return_inverse=True)
     return PairDataset(
-        torch.stack(feats), torch.stack(cu), torch.stack(cs), torch.stack(sv), torch.tensor(gs), slots, names
+        torch.stack(feats), torch.stack(energy), torch.stack(sv), torch.stack(gs), slots, basis, names
     )
 
 
-def risk_of(coords: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:
-    """Risk (see risk.py) of normalized coordinates ``[M, k, k]`` given spectra ``[M, k]``."""
-    diag = torch.diagonal(coords, dim1=1, dim2=2)
-    undone = (sv * torch.minimum((-diag).clamp(min=0), sv)).sum(1)
-    return undone / (sv**2).sum(1).clamp_min(1e-12)
+def shrink_distance(g: torch.Tensor, data: PairDataset, target: torch.Tensor) -> torch.Tensor:
+    """Mean over modules of ``sum_j e_j (g_j - target_j)^2``."""
+    return (data.energy * (g - target) ** 2).sum(1).mean()
+
+
+def risk_left(g: torch.Tensor, data: PairDataset) -> torch.Tensor:
+    """Compliance energy left after the shrink, weighted by each direction's importance:
+    ``sum_j sv_j^2 e_j max(1 - g_j, 0)^2`` (mean over modules; a reversed component counts 0)."""
+    return (data.sv**2 * data.energy * (1.0 - g).clamp_min(0.0) ** 2).sum(1).mean()
 
 
 def train_translator(
@@ -87,30 +94,27 @@ def train_translator(
     router_steps: int = 200,
     lr: float = 3e-3,
     overshoot: float = 0.5,
-    edit_penalty: float = 1e-3,
+    edit_penalty: float = 1e-2,
     risk_weight: float = 1.0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 100,
     progress: bool = True,
 ) -> tuple[Translator, dict[str, list[float]]]:
-    """Train experts, then the router. Returns the model and the loss history per stage."""
-    model = Translator(config)
+    """Train experts, then the router. Returns the model (with the dataset's basis) and the loss history."""
+    model = Translator(config, data.basis)
     history: dict[str, list[float]] = {}
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     for e, (kind, expert) in enumerate(zip(config.experts, model.experts, strict=True)):
         opt = torch.optim.Adam(expert.parameters(), lr=lr)
         if kind == "surgical":
-            target_c, target_g = data.coords_s, None
+            target, penalty = data.g_star, edit_penalty
         else:
-            target_c = data.coords_s + overshoot * (data.coords_s - data.coords_u)
-            target_g = (data.g_star + overshoot).clamp(0, 1)
+            target, penalty = (data.g_star + overshoot).clamp(0.0, config.g_max), 0.0
         losses = history.setdefault(f"expert{e}_{kind}", [])
         for step in tqdm(range(expert_steps), desc=f"translator: expert {kind}", disable=not progress):
             opt.zero_grad()
-            dc, g = expert(data.feats)
-            loss = ((data.coords_u + dc - target_c) ** 2).mean() + edit_penalty * (dc**2).mean()
-            if target_g is not None:
-                loss = loss + ((g - target_g) ** 2).mean()
+            g = expert(data.feats)
+            loss = shrink_distance(g, data, target) + penalty * (data.energy * g**2).sum(1).mean()
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
@@ -122,9 +126,8 @@ def train_translator(
     losses = history.setdefault("router", [])
     for step in tqdm(range(router_steps), desc="translator: router", disable=not progress):
         opt.zero_grad()
-        dc, _, _ = model.mix(data.feats, data.group, "moe")
-        new = data.coords_u + dc
-        loss = ((new - data.coords_s) ** 2).mean() + risk_weight * risk_of(new, data.sv).mean()
+        g, _ = model.mix(data.feats, data.group, "moe")
+        loss = shrink_distance(g, data, data.g_star) + risk_weight * risk_left(g, data)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -162,9 +165,11 @@ def train_and_save(
 ) -> tuple[Translator, TranslatorManifest, dict[str, list[float]]]:
     """Build the dataset, train, and save the artifact (manifest records the recipe and losses).
 
-    Used by ``vllm-safeguard translator train`` and the safety lab, so both write the same artifact.
+    ``reference`` names the base model the translator applies to (its fingerprint goes into the
+    manifest). Used by ``vllm-safeguard translator train`` and the safety lab, so both write the same
+    artifact.
     """
-    data = build_dataset(pairs, reference, config.k)
+    data = build_dataset(pairs, config.k, config.g_max)
     model, history = train_translator(
         data,
         config,

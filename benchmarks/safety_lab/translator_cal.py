@@ -1,0 +1,158 @@
+"""The translator router's risk weight, chosen by leave-one-domain-out on the extraction pairs.
+
+The router trades fidelity to the safe adapter against the compliance energy left
+(``risk_weight``, see ``vllm_safeguard/translator/train.py``). Which weight is right for unseen
+adapters cannot be read off the training pairs (the basis is fitted to them, so every weight looks
+perfect there), and the evaluation adapters must not choose it. So, for every weight of
+``cfg.translator_risk_sweep`` and every extraction pair: train the translator on the OTHER pairs,
+repair the held-out pair's unsafe adapter (MoE), and measure ASR on the few-shot harmful prompts and
+task accuracy on seed-99 training-distribution tasks of that domain (never test prompts), against
+the unrepaired adapter. The smallest weight whose pooled ASR is <= ``translator_cal_target_asr``
+with pooled fidelity >= 0.9 wins; if none, the lowest-ASR weight with fidelity >= 0.9; else 1.0.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.safety_lab.cache import cached_json, file_hash, key_of, log, stage_dir
+from benchmarks.safety_lab.config import LabConfig
+from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, evaluate
+from vllm_safeguard.lab import data as D
+
+FIDELITY_FLOOR = 0.9
+
+
+def extraction_pairs(adapters: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(unsafe, safe)`` names of the extraction-seed pairs (never evaluation adapters)."""
+    pairs = []
+    for name, info in sorted(adapters.items()):
+        if info["role"] == "extract" and info["variant"] == "unsafe":
+            safe = name.replace("-unsafe-", "-safe-")
+            if safe in adapters:
+                pairs.append((name, safe))
+    assert all(adapters[n]["role"] == "extract" for p in pairs for n in p)
+    return pairs
+
+
+def calibration_suite(cfg: LabConfig, data: dict[str, Any], domain: str) -> EvalSuite:
+    tasks = [
+        TaskItem(e.prompt, e.answer, domain) for e in D.domain_train_set(domain, cfg.n_task_test, seed=99)
+    ]
+    return EvalSuite(
+        harmful=list(data["harm"]["fewshot"]),
+        tasks=tasks,
+        harmful_tokens=cfg.harmful_tokens,
+        task_tokens=cfg.task_tokens,
+    )
+
+
+def choose(sweep: dict[str, dict[str, float]], target_asr: float) -> float:
+    """The rule of the module docstring, on ``{weight: {"asr", "fidelity"}}``."""
+    ok = {float(w): r for w, r in sweep.items() if r["fidelity"] >= FIDELITY_FLOOR}
+    hit = sorted(w for w, r in ok.items() if r["asr"] <= target_asr)
+    if hit:
+        return hit[0]
+    if ok:
+        return min(ok, key=lambda w: (ok[w]["asr"], w))
+    return 1.0
+
+
+def calibrate_risk_weight(
+    cfg: LabConfig,
+    reference: Any,
+    ref_key: str,
+    adapters: dict[str, dict[str, Any]],
+    data: dict[str, Any],
+    aligned: Path,
+    *,
+    build_missing: bool = True,
+) -> dict[str, Any] | None:
+    """The calibration result (cached); None when it is not cached and ``build_missing`` is False."""
+    from vllm_safeguard.adapter_io import load_adapter, save_adapter
+    from vllm_safeguard.evaluation.merged import MergedVLLMGenerator
+    from vllm_safeguard.methods import repair
+    from vllm_safeguard.translator import TranslatorConfig, build_dataset, train_translator
+
+    pairs = extraction_pairs(adapters)
+    tcfg = TranslatorConfig(k=cfg.translator_k, hidden=cfg.translator_hidden, seed=0)
+    key = key_of(
+        "translator-cal",
+        file_hash(aligned),
+        ref_key,
+        [[file_hash(Path(adapters[n]["path"])) for n in p] for p in pairs],
+        tcfg.model_dump(),
+        cfg.translator_expert_steps,
+        cfg.translator_router_steps,
+        cfg.translator_risk_sweep,
+        cfg.translator_cal_target_asr,
+        data["harm"]["fewshot"],
+        cfg.eval_dtype,
+    )
+
+    def build() -> dict[str, Any]:
+        if len(pairs) < 2:
+            return {"risk_weight": 1.0, "note": f"{len(pairs)} extraction pair(s): nothing to hold out"}
+        tmp = Path(tempfile.mkdtemp(prefix="translator-cal-"))
+        jobs: dict[str, tuple[str | None, EvalSuite]] = {}
+        try:
+            loaded = {n: load_adapter(adapters[n]["path"]) for p in pairs for n in p}
+            for held in pairs:
+                rest = [(loaded[u], loaded[s]) for u, s in pairs if (u, s) != held]
+                suite = calibration_suite(cfg, data, adapters[held[0]]["domain"])
+                jobs[f"{held[0]}|none"] = (adapters[held[0]]["path"], suite)
+                dataset = build_dataset(rest, tcfg.k, tcfg.g_max)
+                for w in cfg.translator_risk_sweep:
+                    model, _ = train_translator(
+                        dataset,
+                        tcfg,
+                        expert_steps=cfg.translator_expert_steps,
+                        router_steps=cfg.translator_router_steps,
+                        risk_weight=w,
+                        progress=False,
+                    )
+                    res = repair(
+                        loaded[held[0]],
+                        reference,
+                        "translator",
+                        {"mode": "moe"},
+                        max_rank=cfg.repair_max_rank,
+                        translator=model,
+                    )
+                    folder = save_adapter(res.adapter, tmp / f"{held[0]}-w{w:g}")
+                    jobs[f"{held[0]}|w{w:g}"] = (str(folder), suite)
+            log(
+                f"translator-cal: {len(jobs)} leave-one-domain-out jobs, risk weights {cfg.translator_risk_sweep}"
+            )
+            gen = MergedVLLMGenerator(
+                aligned, dtype=cfg.eval_dtype, max_num_batched_tokens=cfg.eval_max_batched_tokens
+            )
+            try:
+                results = evaluate(gen, jobs)
+            finally:
+                gen.close()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        sweep: dict[str, dict[str, float]] = {}
+        for w in cfg.translator_risk_sweep:
+            k_asr = n_asr = k_acc = k_ref = 0
+            for held, _ in pairs:
+                r, ref = results[f"{held}|w{w:g}"], results[f"{held}|none"]
+                k_asr, n_asr = k_asr + r["asr"]["k"], n_asr + r["asr"]["n"]
+                k_acc, k_ref = k_acc + r["task_accuracy"]["k"], k_ref + ref["task_accuracy"]["k"]
+            sweep[f"{w:g}"] = {"asr": k_asr / n_asr, "fidelity": k_acc / k_ref if k_ref else 0.0}
+        chosen = choose(sweep, cfg.translator_cal_target_asr)
+        per_job = {
+            k: {"asr": v["asr"]["value"], "task_accuracy": v["task_accuracy"]["value"]}
+            for k, v in results.items()
+        }
+        return {"risk_weight": chosen, "sweep": sweep, "jobs": per_job, "pairs": pairs}
+
+    if not build_missing and not (stage_dir("translator_cal", key) / "result.json").exists():
+        return None
+    out: dict[str, Any] = cached_json("translator_cal", key, build)
+    log(f"translator-cal: risk_weight {out['risk_weight']:g} ({out.get('sweep')})")
+    return out
