@@ -32,6 +32,7 @@ from vllm_safeguard.methods import repair
 from vllm_safeguard.reference import AlignmentReference, ModuleSubspace, ReferenceManifest
 from vllm_safeguard.safegene import SafetyAdapter, SafetyManifest
 from vllm_safeguard.translator import Translator, TranslatorConfig
+from vllm_safeguard.translator.representation import ModuleBasis
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D, FFN, LAYERS, RANK = 4096, 11008, 32, 16
@@ -146,7 +147,17 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"building synthetic 7B-shaped adapter ({LAYERS} layers x 7 modules, rank {RANK}) ...", flush=True)
     reference, adapter, safety = build(args.ref_rank, args.safety_rank)
-    translator = Translator(TranslatorConfig(k=8)).eval()
+    # Latency does not depend on the translator's trained values or on which orthonormal basis it
+    # learned (same ops either way), so a freshly initialised k=16 translator with a random basis
+    # per module stands in for a trained one here.
+    g = torch.Generator().manual_seed(1)
+    basis = {
+        name: ModuleBasis(
+            torch.linalg.qr(torch.randn(mod.out_features, 16, generator=g))[0], torch.linspace(1.0, 0.1, 16)
+        )
+        for name, mod in adapter.modules.items()
+    }
+    translator = Translator(TranslatorConfig(k=16), basis).eval()
 
     rows: list[dict[str, Any]] = []
     runs: list[tuple[str, Callable[[], Any]]] = [
@@ -160,10 +171,8 @@ def main() -> None:
             lambda: repair(adapter, reference, "nlsr", {"mode": "topk", "top_k_layers": LAYERS}, max_rank=64),
         ),
         ("safegene (low-rank)", lambda: repair(adapter, reference, "safegene", max_rank=64, safety=safety)),
-        # Latency does not depend on the translator's trained values (same ops either way), so a
-        # freshly initialised k=8 translator stands in for a trained one here.
         (
-            "translator MoE (k=8, NeWTral)",
+            "translator MoE (k=16, NeWTral)",
             lambda: repair(adapter, reference, "translator", max_rank=64, translator=translator),
         ),
     ]

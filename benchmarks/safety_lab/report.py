@@ -306,6 +306,7 @@ def _markdown(
         L.append(f"| {n} | {adapters[n]['role']} | " + " | ".join(cells) + " |")
     L += _guard_markdown(meta.get("guard"))
     L += _calibration_markdown(meta.get("alpha_calibration"))
+    L += _translator_cal_markdown(meta.get("translator_calibration"))
     L += ["", "## Acceptance checks (computed)", ""]
     for k, c in checks.items():
         L.append(
@@ -410,6 +411,26 @@ def _calibration_markdown(cal: dict[str, Any] | None) -> list[str]:
         f"prompts, with the extraction-seed unsafe experts, is <= {100 * cal['target_asr']:.0f}% ({asr}). "
         "Neither those prompts nor those adapters enter any number of the table; the row "
         "'DSA auto, alpha_high calibrated' uses this probe on the evaluation adapters.",
+    ]
+
+
+def _translator_cal_markdown(cal: dict[str, Any] | None) -> list[str]:
+    if not cal or "sweep" not in cal:
+        return []
+    rows = [f"| {w} | {100 * r['asr']:.1f}% | {100 * r['fidelity']:.0f}% |" for w, r in cal["sweep"].items()]
+    return [
+        "",
+        "## Translator router's risk weight, calibrated",
+        "",
+        f"Chosen risk_weight = {cal['risk_weight']:g} by leave-one-domain-out on the extraction pairs "
+        f"({', '.join(u for u, _ in cal['pairs'])}): for each weight, a translator trained on the other "
+        "pairs repairs the held-out pair's unsafe adapter (MoE); ASR on the few-shot harmful prompts and "
+        "fidelity on seed-99 training-distribution tasks, pooled. No evaluation adapter or test prompt "
+        "is involved (benchmarks/safety_lab/translator_cal.py).",
+        "",
+        "| risk weight | few-shot ASR | fidelity |",
+        "|---|---|---|",
+        *rows,
     ]
 
 

@@ -58,7 +58,7 @@ def test_labels():
 def test_carry_over_needs_identically_judged_shared_jobs(tmp_path: Path) -> None:
     import json
 
-    from benchmarks.safety_lab.run import carry_over
+    from benchmarks.safety_lab.compare import carry_over
 
     def job(out: str, refused: bool = False) -> dict[str, Any]:
         return {
