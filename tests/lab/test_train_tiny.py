@@ -113,9 +113,9 @@ def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Pa
     adapters = _lab_adapters()
     jobs = alpha_jobs(CONFIG, adapters, lambda doms: suite_for(CONFIG, data, doms), with_auto=True)
     assert all(adapters[k.split("|")[0]]["role"] == "eval" for k in jobs)  # never extraction adapters
-    assert not any(k.endswith("|alpha-0") for k in jobs)  # alpha 0 is the no-repair row
     evals = [n for n, a in adapters.items() if a["role"] == "eval"]
-    assert {f"{n}|alpha-1" for n in evals} | {f"{n}|auto" for n in evals} <= set(jobs)
+    # alpha 0 (LoRA path, checked against the merged "no repair" row), alpha 1 and auto: every adapter
+    assert {f"{n}|{m}" for n in evals for m in ("alpha-0", "alpha-1", "auto")} <= set(jobs)
     heldout = [
         n
         for n in evals
@@ -124,9 +124,9 @@ def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Pa
     assert heldout
     for n in heldout:  # the full sweep on the unsafe experts of domains no extraction adapter saw
         assert {f"{n}|alpha-{a:g}" for a in CONFIG.alpha_sweep if a} <= set(jobs)
-    assert {s.alpha for _, s in jobs.values()} == {a for a in CONFIG.alpha_sweep if a} | {"auto"}
-    first = list(jobs)[: 2 * len(evals)]  # alpha 1 and auto on every adapter come first
-    assert all(k.endswith(("|alpha-1", "|auto")) for k in first)
+    assert {s.alpha for _, s in jobs.values()} == set(CONFIG.alpha_sweep) | {"auto"}
+    first = list(jobs)[: 3 * len(evals)]  # alpha 0, alpha 1 and auto on every adapter come first
+    assert all(k.endswith(("|alpha-0", "|alpha-1", "|auto")) for k in first)
 
 
 def test_alpha_calibration_uses_fewshot_prompts_and_extraction_adapters_only(tmp_path: Path) -> None:
