@@ -140,6 +140,17 @@ class SafeguardPunicaWrapperCPU(_cpu_base(), _SafetyState):  # type: ignore[misc
         self._safeguard_init(max_num_batched_tokens, device)
         # Mapping handed to the reference for the safety-only call: every token "has no task adapter".
         self._no_task = torch.full((max_num_batched_tokens,), -1, dtype=torch.long, device=device)
+        self._bare = torch.zeros(0, dtype=torch.bool)
+        self._n_bare = 0
+
+    def update_metadata(
+        self, mapping: Any, lora_index_to_id: Any, max_loras: int, vocab_size: int, **kw: Any
+    ) -> None:
+        """Semantics: PunicaWrapperCPU.update_metadata, then the step's base-model tokens
+        (``token_lora_indices == -1``) and their count, once per step rather than once per layer."""
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kw)
+        self._bare = self.token_lora_indices < 0
+        self._n_bare = int(self._bare.sum())
 
     def add_lora_linear(
         self,
@@ -171,8 +182,8 @@ class SafeguardPunicaWrapperCPU(_cpu_base(), _SafetyState):  # type: ignore[misc
         ``tests/lab/test_merged_eval.py`` sees it with 2 slots; the GPU kernels skip -1).
         """
         n = x.size(0)
-        bare = self.token_lora_indices[:n] < 0
-        n_bare = int(bare.sum()) if bare.numel() == n else 0
+        bare = self._bare
+        n_bare = self._n_bare if bare.numel() == n else 0
         if n_bare < n:
             keep = y[bare].clone() if n_bare else None
             super().add_lora_linear(

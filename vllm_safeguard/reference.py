@@ -251,6 +251,11 @@ def _weight_index(model_dir: Path) -> dict[str, Path]:
     return index
 
 
+def read_weights(model_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every weight of a safetensors checkpoint folder (all shards), as fp32."""
+    return {name: _read(fp, name) for name, fp in _weight_index(Path(model_dir)).items()}
+
+
 def _read(path: Path, name: str) -> torch.Tensor:
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return f.get_tensor(name).float()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vllm_safeguard.adapter_io import load_adapter
-from vllm_safeguard.evaluation.merged import merged_weights, read_checkpoint
+from vllm_safeguard.evaluation.merged import merged_weights
+from vllm_safeguard.reference import read_weights
 from vllm_safeguard.testing import TinyLlamaSpec, make_tiny_llama, write_random_adapter
 
 
@@ -24,7 +25,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 def test_merged_weights_are_base_plus_scaled_update(tiny: tuple[Path, Path, Path]) -> None:
     model, a1, _ = tiny
-    base = read_checkpoint(model)
+    base = read_weights(model)
     merged = merged_weights(base, a1)
     adapter = load_adapter(a1)
     assert set(merged) == {f"{m}.weight" for m in adapter.modules}
@@ -36,7 +37,7 @@ def test_merged_weights_are_base_plus_scaled_update(tiny: tuple[Path, Path, Path
 
 def test_merge_names_the_module_that_does_not_fit(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
     model, _, _ = tiny
-    base = read_checkpoint(model)
+    base = read_weights(model)
     wide = write_random_adapter(
         tmp_path / "wide", TinyLlamaSpec(hidden_size=96, num_attention_heads=3), seed=3
     )

@@ -28,10 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..reference import read_weights
 from .harness import GenRequest, VLLMGenerator, chat_prompt
 
 
@@ -64,19 +64,6 @@ def merged_weights(
     return out
 
 
-def read_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors checkpoint folder (all shards)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                out[k] = fh.get_tensor(k)
-    return out
-
-
 class MergedVLLMGenerator:
     """A :class:`~vllm_safeguard.evaluation.harness.Generator` that serves each adapter merged.
 
@@ -105,7 +92,7 @@ class MergedVLLMGenerator:
         )
         self.llm = self._engine.llm
         self.tokenizer = self._engine.tokenizer
-        self._base = read_checkpoint(self.model_dir)
+        self._base = read_weights(self.model_dir)  # fp32, read once
         self._tmp = Path(tempfile.mkdtemp(prefix="safeguard-merged-"))
         self._current: str | None = None  # adapter whose update is in the engine now (None: base)
         self.reloads = 0
@@ -116,7 +103,7 @@ class MergedVLLMGenerator:
         if adapter is None:
             path = self.model_dir
         else:
-            weights = {**{k: v.float() for k, v in self._base.items()}, **merged_weights(self._base, adapter)}
+            weights = {**self._base, **merged_weights(self._base, adapter)}
             path = str(self._tmp / f"m{self.reloads}")
             os.makedirs(path)
             save_file(weights, os.path.join(path, "model.safetensors"))
@@ -156,4 +143,4 @@ class MergedVLLMGenerator:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-__all__ = ["MergedVLLMGenerator", "merged_weights", "read_checkpoint"]
+__all__ = ["MergedVLLMGenerator", "merged_weights"]

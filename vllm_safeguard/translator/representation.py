@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter import LoRAModule, layer_index, module_kind
+from ..lowrank import frob2
 
 MODULE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -105,9 +106,7 @@ def direction_energy(mod: LoRAModule, basis: ModuleBasis) -> tuple[torch.Tensor,
     """``(||u_j^T dW||^2 for each j [k], ||dW||_F^2)``."""
     ub, a = directional_rows(mod, basis)
     per = ((ub @ (a @ a.T)) * ub).sum(1)  # diag(UB A A^T B^T U) = row norms^2 of U^T dW
-    b = mod.scaled_b().float()
-    total = float(((b.T @ b) * (a @ a.T)).sum())
-    return per.clamp_min(0.0), total
+    return per.clamp_min(0.0), float(frob2(*_lowrank_parts(mod)))
 
 
 def view_module(mod: LoRAModule, basis: ModuleBasis, n_layers: int) -> ModuleView:
@@ -143,8 +142,8 @@ def apply_shrink(mod: LoRAModule, basis: ModuleBasis, g: torch.Tensor) -> tuple[
     ``||dW'||^2 / ||dW||^2``."""
     b, a = _lowrank_parts(mod)
     b_new = b - basis.u @ (g[:, None] * (basis.u.T @ b))
-    total = float(((b.T @ b) * (a @ a.T)).sum())
-    kept = float(((b_new.T @ b_new) * (a @ a.T)).sum()) / total if total > 0 else 1.0
+    total = float(frob2(b, a))
+    kept = float(frob2(b_new, a)) / total if total > 0 else 1.0
     return LoRAModule(mod.name, mod.lora_a.float().clone(), b_new, 1.0), kept
 
 
