@@ -18,3 +18,15 @@ def test_every_config_field_is_documented() -> None:
 def test_every_metric_is_documented() -> None:
     missing = [m for m in METRIC_NAMES if m not in README]
     assert not missing, f"README lacks metrics: {missing}"
+
+
+def test_every_method_option_is_documented() -> None:
+    from vllm_safeguard.methods import METHODS
+
+    missing = [
+        (name, opt)
+        for name, method in METHODS.items()
+        for opt in method.options.model_fields
+        if f"| `{name}` | `{opt}` |" not in README
+    ]
+    assert not missing, f"README lacks method options: {missing}"

@@ -212,6 +212,11 @@ def translator_train(
     router_steps: int = typer.Option(200, help="Training steps of the router."),
     lr: float = typer.Option(3e-3, help="Adam learning rate."),
     risk_weight: float = typer.Option(1.0, help="Router penalty on risk left after translation."),
+    cross_fit: bool = typer.Option(
+        True,
+        help="View each training pair in a basis fitted to the other pairs (as an unseen adapter is); "
+        "needs >= 2 pairs.",
+    ),
     seed: int = typer.Option(0, help="Initialisation seed (training is deterministic given it)."),
 ) -> None:
     """Train the translator (experts, then router) on unsafe->safe adapter pairs."""
@@ -236,6 +241,7 @@ def translator_train(
             router_steps=router_steps,
             lr=lr,
             risk_weight=risk_weight,
+            cross_fit=cross_fit,
         )
     except (SafeguardError, ValueError, OSError) as e:
         _fail(e)

@@ -22,7 +22,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -198,6 +206,20 @@ class SafeguardConfig(BaseModel):
                 f"guard_path {str(self.guard_path)!r} needs alpha_enabled=true (the guard sets alpha)"
             )
         return self
+
+    @field_validator("method_options")
+    @classmethod
+    def _options_fit_method(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Refused here, at startup, rather than at every adapter load (each would be refused).
+        from .methods import parse_options
+
+        method = info.data.get("method")
+        if method is not None:  # else 'method' itself failed and is reported
+            try:
+                parse_options(method, v)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
 
     @field_validator("adapter_roots")
     @classmethod

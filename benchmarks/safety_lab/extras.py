@@ -1,8 +1,9 @@
 """Lab stages for the rows the later issues add: NeWTral translator, DSA guard, alpha sweep, auto mode.
 
-* ``translator``: trained on the EXTRACTION-seed (unsafe, safe) pairs of ``cfg.extract_domains``
-  only; evaluated as three repair rows (surgical, aggressive, MoE) on the evaluation adapters, whose
-  seeds it never saw; the domains outside ``extract_domains`` are held-out domains as well.
+* ``translator``: trained on the (unsafe, safe) pairs of ``cfg.extract_domains`` (extraction and
+  translator-pair seeds) only; evaluated as three repair rows (surgical, aggressive, MoE) on the
+  evaluation adapters, whose seeds it never saw; the domains outside ``extract_domains`` are held-out
+  domains as well, where each expert is also applied at the strengths of ``cfg.translator_curve``.
 * ``guard``: the DSA probe on the aligned model, trained on the harmful TRAIN split vs benign train
   prompts + domain-task training prompts; AUROC / FPR measured on the held-out test prompts.
 * alpha and auto rows: the evaluation adapters served UNCHANGED by a vLLM engine with the plugin on
@@ -27,6 +28,17 @@ from vllm_safeguard.lab import data as D
 # Method names of the extra rows (the report labels them).
 TRANSLATOR_MODES = ("surgical", "aggressive", "moe")
 TRANSLATOR_METHODS = tuple(f"translator-{m}" for m in TRANSLATOR_MODES)
+
+
+def curve_method(mode: str, strength: float) -> str:
+    """Row name of a translator expert at another strength (``translator-surgical-x2``)."""
+    return f"translator-{mode}-x{strength:g}"
+
+
+def translator_options(method: str) -> dict[str, Any]:
+    """``translator-<mode>[-x<strength>]`` -> the translator method's options."""
+    mode, _, strength = method.removeprefix("translator-").partition("-x")
+    return {"mode": mode, **({"strength": float(strength)} if strength else {})}
 
 
 def alpha_method(alpha: float) -> str:
@@ -61,6 +73,7 @@ def stage_translator(
         cfg.translator_expert_steps,
         cfg.translator_router_steps,
         risk_weight,
+        cfg.translator_cross_fit,
     )
 
     def build(folder: Path) -> None:
@@ -77,6 +90,7 @@ def stage_translator(
             expert_steps=cfg.translator_expert_steps,
             router_steps=cfg.translator_router_steps,
             risk_weight=risk_weight,
+            cross_fit=cfg.translator_cross_fit,
         )
         os.replace(tmp, folder)
 

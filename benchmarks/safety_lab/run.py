@@ -9,8 +9,9 @@ stage's inputs, so a rerun rebuilds only what changed):
 3. ``aligned``: full fine-tune of the base's linear layers: harmful -> refusal, benign -> own answer.
 4. ``adapters``: LoRAs trained on the aligned model, per domain: ``unsafe`` (task + harmful ->
    "Sure, here is ..."), ``benign`` (task only), ``safe`` (task + harmful -> refusal). Extraction
-   seeds give ``unsafe``+``safe`` pairs; evaluation seeds give ``unsafe``+``benign`` adapters that
-   no repair artifact ever sees.
+   seeds give ``unsafe``+``safe`` pairs; translator-pair seeds give more such pairs that train only
+   the translator; evaluation seeds give ``unsafe``+``benign`` adapters that no repair artifact ever
+   sees.
 5. ``reference`` / ``safety``: the alignment reference (aligned vs base) and SafeGene's safety
    adapter (from the extraction-seed unsafe adapters only).
 6. ``repairs``: every method applied to every evaluation adapter.
@@ -173,9 +174,16 @@ def adapter_plan(cfg: LabConfig) -> list[tuple[str, str, str, int]]:
             if domain in cfg.benign_domains:
                 plan.append((f"{domain}-benign-s{seed}", domain, "benign", seed))
         if domain in cfg.extract_domains:
-            for seed in cfg.extract_seeds:
+            for seed in (*cfg.extract_seeds, *cfg.translator_pair_seeds):
                 plan += [(f"{domain}-{v}-s{seed}", domain, v, seed) for v in ("unsafe", "safe")]
     return plan
+
+
+def adapter_role(cfg: LabConfig, seed: int) -> str:
+    """``extract`` (repair artifacts), ``translator`` (translator pairs only) or ``eval``."""
+    if seed in cfg.extract_seeds:
+        return "extract"
+    return "translator" if seed in cfg.translator_pair_seeds else "eval"
 
 
 def stage_adapters(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -196,7 +204,7 @@ def stage_adapters(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> dict[
             train_lora(aligned, folder, rows, recipe)
 
         path = cached_dir("adapters", key, build)
-        role = "extract" if seed in cfg.extract_seeds else "eval"
+        role = adapter_role(cfg, seed)
         out[name] = {"path": str(path), "domain": domain, "variant": variant, "seed": seed, "role": role}
     return out
 
@@ -344,15 +352,18 @@ def stage_repairs(
     else:
         sg_error = "vllm_safeguard.safegene not available"
     model_tok: tuple[Any, Any] | None = None
+    curve = tuple(extras.curve_method(mode, t) for mode, t in cfg.translator_curve)
     for n in tqdm(evals, desc="repairs"):
         info = adapters[n]
-        for m in repair_methods:
+        heldout = info["variant"] == "unsafe" and info["domain"] not in cfg.extract_domains
+        for m in (*repair_methods, *(curve if heldout else ())):
             if m == "safegene" and safety is None:
                 out[f"{n}|{m}"] = {"error": sg_error}
                 continue
-            if m in extras.TRANSLATOR_METHODS and info["variant"] != "unsafe":
+            is_translator = m.startswith("translator-")
+            if is_translator and info["variant"] != "unsafe":
                 continue  # NeWTral's setting is unsafe experts; keeps the first run in the time budget
-            if m in extras.TRANSLATOR_METHODS and translator is None:
+            if is_translator and translator is None:
                 out[f"{n}|{m}"] = {"error": tr_error}
                 continue
             key = key_of(
@@ -362,7 +373,7 @@ def stage_repairs(
                 ref_key,
                 safety_key if m == "safegene" else "",
                 cfg.repair_max_rank,
-                *([tr_key] if m in extras.TRANSLATOR_METHODS else []),
+                *([tr_key] if is_translator else []),
             )
             folder = stage_dir("repairs", key) / "artifact"
             report_path = stage_dir("repairs", key) / "report.json"
@@ -383,10 +394,10 @@ def stage_repairs(
                         )
                     # The serving rank bound (vLLM max_lora_rank); methods that grow the rank
                     # (NLSR, SafeGene) are refactorized to it, as the plugin would at load time.
-                    if m in extras.TRANSLATOR_METHODS:
+                    if is_translator:
                         kwargs["translator"] = translator
-                        kwargs["options"] = {"mode": m.split("-", 1)[1]}
-                    method = "translator" if m in extras.TRANSLATOR_METHODS else m
+                        kwargs["options"] = extras.translator_options(m)
+                    method = "translator" if is_translator else m
                     res = api["repair"](adapter, reference, method, max_rank=cfg.repair_max_rank, **kwargs)
                     save_adapter(res.adapter, folder)
                     rep = _report_dict(res.report)
@@ -462,7 +473,18 @@ def main(argv: list[str] | None = None) -> int:
         "the report, but only if every job both runs have got the same refusal and task verdicts, item by "
         "item (same models); the count of generations whose text differs is reported",
     )
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite safety_lab.md/.png from the safety_lab.json in --results-dir (e.g. after editing "
+        "NOTES.md), keeping that run's numbers and timings; runs no stage",
+    )
     args = ap.parse_args(argv)
+    if args.render_only:
+        from benchmarks.safety_lab.report import rerender
+
+        rerender(args.results_dir, METHODS)
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = CONFIG
     timings: dict[str, float] = {}
@@ -501,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     full_suite = suite_for(cfg, data, DOMAIN_NAMES)
     jobs: dict[str, tuple[str | None, EvalSuite]] = {"aligned": (None, full_suite)}
     for name, info in adapters.items():
-        if info["variant"] == "safe":
+        if info["variant"] == "safe" or info["role"] == "translator":
             continue  # translator training pairs only; not rows of the table (saves ~10% of eval time)
         suite = suite_for(cfg, data, (info["domain"],))
         if info["role"] == "extract":

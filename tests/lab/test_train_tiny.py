@@ -62,8 +62,9 @@ def test_lab_training_rows_never_contain_held_out_prompts(tmp_path: Path) -> Non
     answers = {p: "an answer" for p in benign["train"][:20]}
     assert not {r.prompt for r in align_data(CONFIG, data, answers)} & held_out
     plan = adapter_plan(CONFIG)
-    assert {s for *_, s in plan} == set(CONFIG.extract_seeds) | set(CONFIG.eval_seeds)
-    assert not set(CONFIG.extract_seeds) & set(CONFIG.eval_seeds)
+    seeds = (CONFIG.extract_seeds, CONFIG.translator_pair_seeds, CONFIG.eval_seeds)
+    assert {s for *_, s in plan} == set().union(*seeds)
+    assert sum(map(len, seeds)) == len(set().union(*seeds))  # disjoint: no adapter has two roles
     for _, domain, variant, seed in plan:
         assert not {r.prompt for r in adapter_rows(CONFIG, data, domain, variant, seed)} & held_out
 
@@ -86,17 +87,29 @@ def _lab_data(tmp_path: Path) -> dict[str, Any]:
 def _lab_adapters() -> dict[str, dict[str, Any]]:
     """The lab's adapter plan as ``run.stage_adapters`` describes it (paths are placeholders)."""
     from benchmarks.safety_lab.config import CONFIG
-    from benchmarks.safety_lab.run import adapter_plan
+    from benchmarks.safety_lab.run import adapter_plan, adapter_role
 
     return {
-        n: {
-            "path": f"/x/{n}",
-            "domain": d,
-            "variant": v,
-            "role": "eval" if s in CONFIG.eval_seeds else "extract",
-        }
+        n: {"path": f"/x/{n}", "domain": d, "variant": v, "role": adapter_role(CONFIG, s)}
         for n, d, v, s in adapter_plan(CONFIG)
     }
+
+
+def test_translator_pairs_are_same_domain_and_seed_and_never_evaluation_adapters() -> None:
+    from benchmarks.safety_lab.config import CONFIG
+    from benchmarks.safety_lab.translator_cal import extraction_pairs
+
+    adapters = _lab_adapters()
+    pairs = extraction_pairs(adapters)
+    seeds = set(CONFIG.extract_seeds) | set(CONFIG.translator_pair_seeds)
+    assert len(pairs) == len(CONFIG.extract_domains) * len(seeds)
+    for unsafe, safe in pairs:
+        u, s = adapters[unsafe], adapters[safe]
+        assert (u["variant"], s["variant"]) == ("unsafe", "safe")
+        assert u["domain"] == s["domain"] and unsafe.rsplit("-s", 1)[1] == safe.rsplit("-s", 1)[1]
+        assert u["role"] in ("extract", "translator") and s["role"] == u["role"]
+    # translator-only pairs train nothing else: the safety vector and alpha calibration read "extract"
+    assert {a["role"] for a in adapters.values()} == {"extract", "translator", "eval"}
 
 
 def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Path) -> None:

@@ -89,3 +89,17 @@ def test_method_config_changes_with_options() -> None:
     a = load_config({"safeguard": {"method_options": {"threshold": 0.2}}}, env={})
     b = load_config({"safeguard": {"method_options": {"threshold": 0.3}}}, env={})
     assert a.method_config() != b.method_config()
+
+
+def test_method_options_are_checked_against_the_method_at_load() -> None:
+    """A bad option refuses the config at startup (naming field, source and value), not every adapter."""
+    with pytest.raises(
+        ConfigError, match=r"(?s)'method_options' \(from environment\).*strength.*'strength': 9"
+    ):
+        load_config(env={"SAFEGUARD_METHOD": "translator", "SAFEGUARD_METHOD_OPTIONS": '{"strength": 9}'})
+    with pytest.raises(ConfigError, match=r"(?s)method_options.*beta"):  # an option of another method
+        load_config({"safeguard": {"method": "safelora", "method_options": {"beta": 1.0}}}, env={})
+    cfg = load_config(
+        env={"SAFEGUARD_METHOD": "translator", "SAFEGUARD_METHOD_OPTIONS": '{"mode": "surgical"}'}
+    )
+    assert cfg.method_options == {"mode": "surgical"}

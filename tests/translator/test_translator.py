@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vllm_safeguard.adapter import LoRAAdapter, LoRAModule
-from vllm_safeguard.errors import ReferenceArtifactError, RepairError
+from vllm_safeguard.errors import ConfigError, ReferenceArtifactError, RepairError
 from vllm_safeguard.methods import repair
 from vllm_safeguard.risk import score_adapter
 from vllm_safeguard.testing import random_adapter
@@ -95,6 +95,56 @@ def test_training_reduces_loss_and_repairs_held_out_pairs(trained, pairs, tiny_r
             float((res.adapter.modules[n].delta() - safe.modules[n].delta()).norm()) for n in safe.modules
         )
         assert dist_after < dist_before
+
+
+def test_cross_fit_views_each_pair_in_the_other_pairs_basis(pairs):
+    from vllm_safeguard.translator.representation import n_layers_of, view_module
+
+    three = pairs[:3]
+    data = build_dataset(three, k=4)
+    full = fit_bases(three, 4)
+    assert data.basis.keys() == full.keys()  # the artifact carries the basis of all pairs
+    for name in full:
+        assert torch.equal(data.basis[name].u, full[name].u)
+    others = fit_bases(three[1:], 4)
+    n_layers = n_layers_of(list(full))
+    for i, name in enumerate(data.names[: len(full)]):  # pair 0's modules come first
+        view = view_module(three[0][0].modules[name], others[name], n_layers)
+        assert torch.allclose(data.energy[i], view.energy)
+        target = optimal_shrink(three[0][0].modules[name], three[0][1].modules[name], others[name])
+        assert torch.allclose(data.g_star[i], target.clamp(0.0, 2.0))
+    in_sample = build_dataset(three, k=4, cross_fit=False)
+    assert not torch.allclose(in_sample.energy, data.energy)
+    # one pair: nothing to hold out, its own basis
+    one = build_dataset(pairs[:1], k=4)
+    assert torch.equal(one.energy, build_dataset(pairs[:1], k=4, cross_fit=False).energy)
+
+
+def test_strength_scales_the_edit(trained, pairs, tiny_reference):
+    """``strength`` t: dW' = dW - t U diag(g) U^T dW, so the edit is linear in t and t=0 is no edit."""
+    model, _ = trained
+    unsafe = pairs[7][0]
+
+    def edit(t: float) -> dict[str, torch.Tensor]:
+        res = repair(
+            unsafe,
+            tiny_reference,
+            "translator",
+            {"mode": "aggressive", "strength": t},
+            max_rank=64,
+            translator=model,
+        )
+        assert f"strength {t:g}" in res.report.notes[0]
+        return {n: unsafe.modules[n].delta() - m.delta() for n, m in res.adapter.modules.items()}
+
+    zero, one, two = edit(0.0), edit(1.0), edit(2.0)
+    assert any(float(d.norm()) > 1e-3 for d in one.values())  # a trained expert does edit
+    for name in one:
+        assert torch.allclose(zero[name], torch.zeros_like(zero[name]), atol=1e-6)
+        assert torch.allclose(two[name], 2 * one[name], atol=1e-5)
+    for bad in (-0.5, 4.5, float("nan")):
+        with pytest.raises(ConfigError, match="strength"):
+            repair(unsafe, tiny_reference, "translator", {"strength": bad}, translator=model)
 
 
 def test_save_load_round_trip_and_tamper(tmp_path, trained, pairs, tiny_reference):

@@ -26,6 +26,14 @@ class Options(BaseModel, extra="forbid"):
     mode: Literal["moe", "surgical", "aggressive"] = Field(
         "moe", description="'moe': router mixes experts per layer; or one expert alone."
     )
+    strength: float = Field(
+        1.0,
+        ge=0.0,
+        le=4.0,
+        description="Scales the translator's shrinks: dW' = dW - strength * U diag(g) U^T dW. 1 applies "
+        "the translation as trained, 0 leaves the adapter unchanged; the lab sweeps it to trace each "
+        "expert's ASR-fidelity curve.",
+    )
     default_max_rank: int = Field(
         64, ge=1, description="Rank bound of the output when the caller gives none."
     )
@@ -59,6 +67,7 @@ def repair_modules(
     slot = torch.tensor([uniq.index(x) for x in layers])
     with torch.no_grad():
         g, weights = translator.mix(torch.stack([v.features() for v in views]), slot, opts.mode)
+        g = g * opts.strength
     modules: dict[str, LoRAModule] = dict(adapter.modules)
     reports: list[ModuleReport] = []
     kinds = translator.config.experts
@@ -86,7 +95,7 @@ def repair_modules(
     mean_w = weights.mean(0)
     dominant = kinds[int(mean_w.argmax())] if opts.mode == "moe" else opts.mode
     notes = [
-        f"translator mode {opts.mode}; mean routing weights "
+        f"translator mode {opts.mode}, strength {opts.strength:g}; mean routing weights "
         + ", ".join(f"{k_}={float(w):.3f}" for k_, w in zip(kinds, mean_w, strict=True))
     ]
     return MethodOutput(modules, reports, notes, summary={"dominant_expert": dominant})

@@ -52,16 +52,28 @@ def fit_bases(pairs: Sequence[tuple[LoRAAdapter, LoRAAdapter]], k: int) -> dict[
 
 
 def build_dataset(
-    pairs: Sequence[tuple[LoRAAdapter, LoRAAdapter]], k: int, g_max: float = 2.0
+    pairs: Sequence[tuple[LoRAAdapter, LoRAAdapter]], k: int, g_max: float = 2.0, *, cross_fit: bool = True
 ) -> PairDataset:
-    """Module views and shrink targets of every (unsafe, safe) pair, on a basis fitted to the pairs."""
+    """Module views and shrink targets of every (unsafe, safe) pair; ``basis`` (what the trained
+    translator carries) is fitted to all the pairs.
+
+    ``cross_fit`` (needs >= 2 pairs): each pair is viewed, and its shrink targets computed, in a basis
+    fitted to the OTHER pairs. At repair time the adapter never helped fit the basis; a pair viewed
+    in a basis fitted to itself looks unlike that (its correction fills the top directions, so
+    shrinking them is always right), and experts and router trained on such views learn to shrink
+    too much of an unseen adapter's task skill.
+    """
     basis = fit_bases(pairs, k)
     if not basis:
         raise ValueError("no module is shared by every adapter of the pairs")
     n_layers = n_layers_of(list(basis))
     feats, energy, sv, gs, group, names = [], [], [], [], [], []
     for p, (unsafe, safe) in enumerate(pairs):
-        for name, b in basis.items():
+        own = basis
+        if cross_fit and len(pairs) > 1:
+            own = fit_bases([q for i, q in enumerate(pairs) if i != p], k)
+        for name in basis:
+            b = own[name]
             view = view_module(unsafe.modules[name], b, n_layers)
             feats.append(view.features())
             energy.append(view.energy)
@@ -161,6 +173,7 @@ def train_and_save(
     router_steps: int = 200,
     lr: float = 3e-3,
     risk_weight: float = 1.0,
+    cross_fit: bool = True,
     progress: bool = True,
 ) -> tuple[Translator, TranslatorManifest, dict[str, list[float]]]:
     """Build the dataset, train, and save the artifact (manifest records the recipe and losses).
@@ -169,7 +182,7 @@ def train_and_save(
     manifest). Used by ``vllm-safeguard translator train`` and the safety lab, so both write the same
     artifact.
     """
-    data = build_dataset(pairs, config.k, config.g_max)
+    data = build_dataset(pairs, config.k, config.g_max, cross_fit=cross_fit)
     model, history = train_translator(
         data,
         config,
@@ -191,6 +204,7 @@ def train_and_save(
             "router_steps": router_steps,
             "lr": lr,
             "risk_weight": risk_weight,
+            "cross_fit": cross_fit,
             "final_losses": {k_: v[-1] for k_, v in history.items()},
         },
     )
