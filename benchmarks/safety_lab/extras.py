@@ -55,15 +55,15 @@ def stage_translator(
     adapters: dict[str, dict[str, Any]],
     risk_weight: float = 1.0,
 ) -> tuple[Any, str]:
-    """Translator trained on extraction-seed pairs only (evaluation adapters never feed it);
+    """Translator trained on the translator's pairs only (evaluation adapters never feed it);
     ``risk_weight`` comes from ``translator_cal.calibrate_risk_weight``."""
-    from benchmarks.safety_lab.translator_cal import extraction_pairs
+    from benchmarks.safety_lab.translator_cal import translator_pairs
     from vllm_safeguard.adapter_io import load_adapter
     from vllm_safeguard.translator import Translator, TranslatorConfig, train_and_save
 
-    pairs = extraction_pairs(adapters)
+    pairs = translator_pairs(adapters)
     if not pairs:
-        raise RuntimeError("no extraction (unsafe, safe) pairs to train the translator on")
+        raise RuntimeError("no (unsafe, safe) pairs to train the translator on")
     tcfg = TranslatorConfig(k=cfg.translator_k, hidden=cfg.translator_hidden, seed=0)
     key = key_of(
         "translator",

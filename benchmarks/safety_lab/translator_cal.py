@@ -27,7 +27,7 @@ FIDELITY_FLOOR = 0.9
 PAIR_ROLES = ("extract", "translator")
 
 
-def extraction_pairs(adapters: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+def translator_pairs(adapters: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     """``(unsafe, safe)`` names of the translator's training pairs: extraction-seed and
     translator-only seeds (never evaluation adapters)."""
     pairs = []
@@ -79,7 +79,7 @@ def calibrate_risk_weight(
     from vllm_safeguard.methods import repair
     from vllm_safeguard.translator import TranslatorConfig, build_dataset, train_translator
 
-    pairs = extraction_pairs(adapters)
+    pairs = translator_pairs(adapters)
     tcfg = TranslatorConfig(k=cfg.translator_k, hidden=cfg.translator_hidden, seed=0)
     key = key_of(
         "translator-cal",

@@ -97,10 +97,10 @@ def _lab_adapters() -> dict[str, dict[str, Any]]:
 
 def test_translator_pairs_are_same_domain_and_seed_and_never_evaluation_adapters() -> None:
     from benchmarks.safety_lab.config import CONFIG
-    from benchmarks.safety_lab.translator_cal import extraction_pairs
+    from benchmarks.safety_lab.translator_cal import translator_pairs
 
     adapters = _lab_adapters()
-    pairs = extraction_pairs(adapters)
+    pairs = translator_pairs(adapters)
     seeds = set(CONFIG.extract_seeds) | set(CONFIG.translator_pair_seeds)
     assert len(pairs) == len(CONFIG.extract_domains) * len(seeds)
     for unsafe, safe in pairs:
