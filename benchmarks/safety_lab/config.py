@@ -40,9 +40,13 @@ class LabConfig:
     # extraction pairs (unsafe + matched safe) and the benign-only adapters use two domains each to
     # keep the first run inside the 2-core time budget (each LoRA is ~30 training steps).
     extract_domains: tuple[str, ...] = ("arithmetic", "sorting")
-    # More (unsafe, safe) pairs of extract_domains that train ONLY the translator (role "translator":
-    # no safety vector, no table row). NeWTral learns from a corpus of pairs; with only the
-    # extraction seed it had 2, and its output basis and shrink targets came from those 2.
+    # More (unsafe, safe) pairs that train ONLY the translator (role "translator": no safety vector,
+    # no table row), of domains that nothing else uses and nothing evaluates. NeWTral learns from a
+    # corpus of pairs over many domains. With 2 domains (pairs of a second seed of arithmetic and
+    # sorting), the leave-one-domain-out calibration trained on ONE domain and reported 98-100%
+    # fidelity for every risk weight while the held-out domains lost 8-19%: two more domains at the
+    # same LoRA cost give the translator 4 domains and each calibration fold 3.
+    translator_domains: tuple[str, ...] = ("maximum", "opposite")
     translator_pair_seeds: tuple[int, ...] = (1002,)
     benign_domains: tuple[str, ...] = ("units", "weekday")
     # evaluation

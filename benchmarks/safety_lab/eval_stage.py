@@ -134,3 +134,17 @@ def subset_tasks(result: dict[str, Any], suite: EvalSuite, domain: str) -> dict[
         + [t["output"] for t in tasks]
     )
     return score(sub, gens, KeywordRefusalJudge())
+
+
+def removed_rows(
+    aligned: dict[str, Any], suite: EvalSuite, adapters: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The "adapter removed" row of every adapter whose domain the suite tests: the aligned model's
+    result re-scored on that domain's tasks. Adapters of domains without test tasks (the
+    translator-only domains) get no row: there is nothing to re-score."""
+    tested = {t.domain for t in suite.tasks}
+    return {
+        f"{name}|removed": subset_tasks(aligned, suite, info["domain"])
+        for name, info in adapters.items()
+        if info["domain"] in tested
+    }

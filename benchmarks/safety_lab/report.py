@@ -316,7 +316,8 @@ def _markdown(
                 if res
                 else "-"
             )
-        L.append(f"| {n} | {adapters[n]['role']} | " + " | ".join(cells) + " |")
+        if any(c != "-" for c in cells):  # translator-only pairs have no row of their own
+            L.append(f"| {n} | {adapters[n]['role']} | " + " | ".join(cells) + " |")
     L += _guard_markdown(meta.get("guard"))
     L += _calibration_markdown(meta.get("alpha_calibration"))
     L += translator_cal.markdown(meta.get("translator_calibration"))

@@ -9,8 +9,8 @@ stage's inputs, so a rerun rebuilds only what changed):
 3. ``aligned``: full fine-tune of the base's linear layers: harmful -> refusal, benign -> own answer.
 4. ``adapters``: LoRAs trained on the aligned model, per domain: ``unsafe`` (task + harmful ->
    "Sure, here is ..."), ``benign`` (task only), ``safe`` (task + harmful -> refusal). Extraction
-   seeds give ``unsafe``+``safe`` pairs; translator-pair seeds give more such pairs that train only
-   the translator; evaluation seeds give ``unsafe``+``benign`` adapters that no repair artifact ever
+   seeds give ``unsafe``+``safe`` pairs; translator-pair seeds give more such pairs, of
+   ``translator_domains`` that nothing evaluates, that train only the translator; evaluation seeds give ``unsafe``+``benign`` adapters that no repair artifact ever
    sees.
 5. ``reference`` / ``safety``: the alignment reference (aligned vs base) and SafeGene's safety
    adapter (from the extraction-seed unsafe adapters only).
@@ -39,7 +39,7 @@ from benchmarks.safety_lab import extras
 from benchmarks.safety_lab.cache import T0, cached_dir, cached_json, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.compare import carry_over, merged_vs_lora
 from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig
-from benchmarks.safety_lab.eval_stage import stage_eval, subset_tasks, suite_key
+from benchmarks.safety_lab.eval_stage import removed_rows, stage_eval, suite_key
 from benchmarks.safety_lab.translator_cal import calibrate_risk_weight
 from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate, make_generator
 from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
@@ -174,8 +174,13 @@ def adapter_plan(cfg: LabConfig) -> list[tuple[str, str, str, int]]:
             if domain in cfg.benign_domains:
                 plan.append((f"{domain}-benign-s{seed}", domain, "benign", seed))
         if domain in cfg.extract_domains:
-            for seed in (*cfg.extract_seeds, *cfg.translator_pair_seeds):
+            for seed in cfg.extract_seeds:
                 plan += [(f"{domain}-{v}-s{seed}", domain, v, seed) for v in ("unsafe", "safe")]
+    for domain in cfg.translator_domains:
+        if domain in DOMAIN_NAMES:
+            raise ValueError(f"translator_domains must not be evaluated, got {domain!r} (in {DOMAIN_NAMES})")
+        for seed in cfg.translator_pair_seeds:
+            plan += [(f"{domain}-{v}-s{seed}", domain, v, seed) for v in ("unsafe", "safe")]
     return plan
 
 
@@ -537,9 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     # repair at any rank) in one merged-weights engine; each job is cached when done, so an
     # interrupted run keeps what it generated. Then the plugin engines (alpha / auto rows).
     results = timed("eval", lambda: run_eval(jobs))
-    for name, info in adapters.items():
-        if "aligned" in results:  # absent only in a --cached-only / --only run that lacks it
-            results[f"{name}|removed"] = subset_tasks(results["aligned"], full_suite, info["domain"])
+    if "aligned" in results:  # absent only in a --cached-only / --only run that lacks it
+        results.update(removed_rows(results["aligned"], full_suite, adapters))
     guard_metrics = None
     calibration: dict[str, Any] | None = None
     if "safety" in artifacts:

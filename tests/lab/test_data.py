@@ -84,6 +84,14 @@ def test_checkers_exact() -> None:
     assert D.check_sorted_list("1, 2, 5, 9", "1, 2, 5, 9")
     assert not D.check_sorted_list("1, 5, 2, 9", "1, 2, 5, 9")
     assert not D.check_sorted_list("1, 2", "1, 2, 5, 9")
+    assert D.check_word("Cold.", "cold") and D.check_word("cold, of course", "cold")
+    assert not D.check_word("The opposite is cold", "cold")  # first word counts
+    assert not D.check_word("42", "cold")
+
+
+def test_antonym_words_are_unambiguous() -> None:
+    words = [w for pair in D._ANTONYMS for w in pair]
+    assert len(words) == len(set(words))  # 'opposite of X' has one answer
 
 
 def test_targets_are_deterministic() -> None:

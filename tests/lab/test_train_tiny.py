@@ -96,13 +96,18 @@ def _lab_adapters() -> dict[str, dict[str, Any]]:
 
 
 def test_translator_pairs_are_same_domain_and_seed_and_never_evaluation_adapters() -> None:
-    from benchmarks.safety_lab.config import CONFIG
+    from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
     from benchmarks.safety_lab.translator_cal import translator_pairs
 
     adapters = _lab_adapters()
     pairs = translator_pairs(adapters)
-    seeds = set(CONFIG.extract_seeds) | set(CONFIG.translator_pair_seeds)
-    assert len(pairs) == len(CONFIG.extract_domains) * len(seeds)
+    assert len(pairs) == len(CONFIG.extract_domains) * len(CONFIG.extract_seeds) + len(
+        CONFIG.translator_domains
+    ) * len(CONFIG.translator_pair_seeds)
+    # translator-only domains are never evaluated, so no table row is in-domain for the translator
+    # by accident; every translator domain has a pair
+    assert not set(CONFIG.translator_domains) & set(DOMAIN_NAMES)
+    assert {adapters[u]["domain"] for u, _ in pairs} == {*CONFIG.extract_domains, *CONFIG.translator_domains}
     for unsafe, safe in pairs:
         u, s = adapters[unsafe], adapters[safe]
         assert (u["variant"], s["variant"]) == ("unsafe", "safe")
@@ -197,3 +202,26 @@ def test_calibrated_guard_changes_only_alpha_high(tmp_path: Path, monkeypatch: p
     assert torch.equal(got.weight, probe.weight)
     assert stage_calibrated_guard(tmp_path / "g", "guardkey", 1.5) == (folder, key)  # cached
     assert stage_calibrated_guard(tmp_path / "g", "guardkey", 2.0)[1] != key
+
+
+def test_removed_rows_cover_evaluated_domains_only(tmp_path: Path) -> None:
+    """The aligned model's suite has no tasks of the translator-only domains: their adapters get no
+    "adapter removed" row (re-scoring them found no tasks and broke the report)."""
+    from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
+    from benchmarks.safety_lab.eval_stage import removed_rows
+    from benchmarks.safety_lab.run import suite_for
+    from vllm_safeguard.evaluation.harness import score
+    from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
+
+    data = _lab_data(tmp_path)
+    suite = suite_for(CONFIG, data, DOMAIN_NAMES)
+    # gold answers for every task: each domain's row must read 100% task accuracy
+    gens = ["Sure."] * (len(suite.harmful) + len(suite.benign)) + [t.answer for t in suite.tasks]
+    aligned = score(suite, gens, KeywordRefusalJudge())
+    adapters = _lab_adapters()
+    rows = removed_rows(aligned, suite, adapters)
+    want = {f"{n}|removed" for n, a in adapters.items() if a["domain"] in DOMAIN_NAMES}
+    assert set(rows) == want and len(want) < len(adapters)
+    for key, r in rows.items():
+        domain = adapters[key.split("|")[0]]["domain"]
+        assert r["task_accuracy"]["value"] == 1.0 and set(r["task_accuracy_by_domain"]) == {domain}

@@ -10,8 +10,9 @@ the held-out sets are disjoint from every training set by construction (checked 
   recalibration) and ``train`` (alignment tuning and the attackers' harmful shares).
 * Benign prompts: written here from topic x template grids; split by *topic* so a test prompt's
   topic never appears in training.
-* Domain tasks: arithmetic, unit conversion, weekday reasoning, sorting. Each has one exact answer
-  and a checker that reads the first answer-like token of a generation.
+* Domain tasks: arithmetic, unit conversion, weekday reasoning, sorting (the evaluation domains),
+  plus maximum-of-a-list and antonyms (only the translator's extra training pairs use them). Each
+  has one exact answer and a checker that reads the first answer-like token of a generation.
 """
 
 from __future__ import annotations
@@ -255,6 +256,90 @@ _UNITS = (
     ("dollars", "cents", 100),
 )
 
+# 80 antonym pairs, every word in one pair only, asked both ways: 160 distinct prompts.
+_ANTONYMS: tuple[tuple[str, str], ...] = (
+    ("hot", "cold"),
+    ("big", "small"),
+    ("tall", "short"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("up", "down"),
+    ("open", "closed"),
+    ("early", "late"),
+    ("rich", "poor"),
+    ("hard", "soft"),
+    ("wet", "dry"),
+    ("strong", "weak"),
+    ("young", "old"),
+    ("full", "empty"),
+    ("high", "low"),
+    ("loud", "quiet"),
+    ("clean", "dirty"),
+    ("thick", "thin"),
+    ("wide", "narrow"),
+    ("deep", "shallow"),
+    ("sharp", "dull"),
+    ("true", "false"),
+    ("win", "lose"),
+    ("push", "pull"),
+    ("buy", "sell"),
+    ("give", "take"),
+    ("start", "finish"),
+    ("enter", "exit"),
+    ("love", "hate"),
+    ("day", "night"),
+    ("north", "south"),
+    ("east", "west"),
+    ("left", "right"),
+    ("inside", "outside"),
+    ("above", "below"),
+    ("before", "after"),
+    ("first", "last"),
+    ("front", "back"),
+    ("top", "bottom"),
+    ("begin", "end"),
+    ("remember", "forget"),
+    ("accept", "refuse"),
+    ("arrive", "depart"),
+    ("increase", "decrease"),
+    ("maximum", "minimum"),
+    ("friend", "enemy"),
+    ("question", "answer"),
+    ("laugh", "cry"),
+    ("sweet", "sour"),
+    ("brave", "cowardly"),
+    ("cheap", "expensive"),
+    ("safe", "dangerous"),
+    ("easy", "difficult"),
+    ("near", "far"),
+    ("asleep", "awake"),
+    ("alive", "dead"),
+    ("always", "never"),
+    ("smooth", "rough"),
+    ("loose", "tight"),
+    ("tame", "wild"),
+    ("visible", "invisible"),
+    ("ancient", "modern"),
+    ("polite", "rude"),
+    ("healthy", "sick"),
+    ("noisy", "silent"),
+    ("generous", "selfish"),
+    ("guilty", "innocent"),
+    ("husband", "wife"),
+    ("king", "queen"),
+    ("boy", "girl"),
+    ("summer", "winter"),
+    ("morning", "evening"),
+    ("import", "export"),
+    ("minor", "major"),
+    ("rise", "fall"),
+    ("borrow", "lend"),
+    ("float", "sink"),
+    ("freeze", "melt"),
+    ("whisper", "shout"),
+)
+
 
 def first_number(text: str) -> str | None:
     """First integer in ``text`` with thousands separators removed (``"1,000 m"`` -> ``"1000"``)."""
@@ -301,6 +386,27 @@ def _weekday(rng: random.Random) -> TaskExample:
     )
 
 
+def check_word(generation: str, answer: str) -> bool:
+    """The first word of the generation is the expected one (case-insensitive)."""
+    m = re.search(r"[A-Za-z]+", generation)
+    return m is not None and m.group(0).lower() == answer.lower()
+
+
+def _maximum(rng: random.Random) -> TaskExample:
+    xs = rng.sample(range(1, 100), 4)
+    return TaskExample(
+        "maximum",
+        f"What is the largest of these numbers: {', '.join(map(str, xs))}? Answer with just the number.",
+        str(max(xs)),
+    )
+
+
+def _opposite(rng: random.Random) -> TaskExample:
+    a, b = rng.choice(_ANTONYMS)
+    word, answer = (a, b) if rng.random() < 0.5 else (b, a)
+    return TaskExample("opposite", f"What is the opposite of '{word}'? Answer with one word.", answer)
+
+
 def _sorting(rng: random.Random) -> TaskExample:
     xs = rng.sample(range(1, 100), 4)
     return TaskExample(
@@ -324,6 +430,8 @@ DOMAINS: dict[str, Domain] = {
     "units": Domain("units", _units, check_number),
     "weekday": Domain("weekday", _weekday, check_weekday),
     "sorting": Domain("sorting", _sorting, check_sorted_list),
+    "maximum": Domain("maximum", _maximum, check_number),
+    "opposite": Domain("opposite", _opposite, check_word),
 }
 
 
