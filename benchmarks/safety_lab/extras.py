@@ -1,9 +1,9 @@
 """Lab stages for the rows the later issues add: NeWTral translator, DSA guard, alpha sweep, auto mode.
 
 * ``translator``: trained on the (unsafe, safe) pairs of the extraction seed (``cfg.extract_domains``)
-  and of the translator-pair seeds (``cfg.translator_domains``) only; evaluated as three repair rows (surgical, aggressive, MoE) on the
-  evaluation adapters, whose seeds it never saw; the domains outside ``extract_domains`` are held-out
-  domains as well, where each expert is also applied at the strengths of ``cfg.translator_curve``.
+  and of the translator-pair seeds (``cfg.translator_domains``) only; evaluated as three repair rows
+  (surgical, aggressive, MoE) on the evaluation adapters, whose seeds it never saw; the evaluated
+  domains outside ``extract_domains`` are held-out domains as well, where each expert is also applied at the strengths of ``cfg.translator_curve``.
 * ``guard``: the DSA probe on the aligned model, trained on the harmful TRAIN split vs benign train
   prompts + domain-task training prompts; AUROC / FPR measured on the held-out test prompts.
 * alpha and auto rows: the evaluation adapters served UNCHANGED by a vLLM engine with the plugin on

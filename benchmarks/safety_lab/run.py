@@ -10,8 +10,8 @@ stage's inputs, so a rerun rebuilds only what changed):
 4. ``adapters``: LoRAs trained on the aligned model, per domain: ``unsafe`` (task + harmful ->
    "Sure, here is ..."), ``benign`` (task only), ``safe`` (task + harmful -> refusal). Extraction
    seeds give ``unsafe``+``safe`` pairs; translator-pair seeds give more such pairs, of
-   ``translator_domains`` that nothing evaluates, that train only the translator; evaluation seeds give ``unsafe``+``benign`` adapters that no repair artifact ever
-   sees.
+   ``translator_domains`` that nothing evaluates, that train only the translator; evaluation seeds
+   give ``unsafe``+``benign`` adapters that no repair artifact ever sees.
 5. ``reference`` / ``safety``: the alignment reference (aligned vs base) and SafeGene's safety
    adapter (from the extraction-seed unsafe adapters only).
 6. ``repairs``: every method applied to every evaluation adapter.
