@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vllm_safeguard.lab.train import Recipe
 
 DOMAIN_NAMES = ("arithmetic", "units", "weekday", "sorting")
+
+
+def heldout_unsafe(info: dict[str, Any], extract_domains: Sequence[str]) -> bool:
+    """An evaluation adapter that is an unsafe expert of a domain no extraction adapter (safety
+    vector, translator pair) came from: where the alpha sweep and the translator curves run."""
+    return info["role"] == "eval" and info["variant"] == "unsafe" and info["domain"] not in extract_domains
 
 
 @dataclass(frozen=True)

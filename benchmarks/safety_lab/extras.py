@@ -3,7 +3,8 @@
 * ``translator``: trained on the (unsafe, safe) pairs of the extraction seed (``cfg.extract_domains``)
   and of the translator-pair seeds (``cfg.translator_domains``) only; evaluated as three repair rows
   (surgical, aggressive, MoE) on the evaluation adapters, whose seeds it never saw; the evaluated
-  domains outside ``extract_domains`` are held-out domains as well, where each expert is also applied at the strengths of ``cfg.translator_curve``.
+  domains outside ``extract_domains`` are held-out domains as well, where each expert is also
+  applied at the strengths of ``cfg.translator_curve``.
 * ``guard``: the DSA probe on the aligned model, trained on the harmful TRAIN split vs benign train
   prompts + domain-task training prompts; AUROC / FPR measured on the held-out test prompts.
 * alpha and auto rows: the evaluation adapters served UNCHANGED by a vLLM engine with the plugin on
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stage_dir
-from benchmarks.safety_lab.config import DOMAIN_NAMES, LabConfig
+from benchmarks.safety_lab.config import DOMAIN_NAMES, LabConfig, heldout_unsafe
 from vllm_safeguard.lab import data as D
 
 # Method names of the extra rows (the report labels them).
@@ -208,8 +209,7 @@ def alpha_jobs(
         if with_auto:
             plan.append((name, "auto"))
     for name in evals:
-        info = adapters[name]
-        if info["variant"] == "unsafe" and info["domain"] not in cfg.extract_domains:
+        if heldout_unsafe(adapters[name], cfg.extract_domains):
             plan += [(name, float(a)) for a in cfg.alpha_sweep if a not in (0.0, 1.0)]
     jobs: dict[str, tuple[str | None, Any]] = {}
     for name, a in plan:

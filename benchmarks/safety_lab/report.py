@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.safety_lab import tradeoff, translator_cal
+from benchmarks.safety_lab.config import heldout_unsafe
 from vllm_safeguard.evaluation.stats import Rate, wilson_interval
 
 TARGETS = {
@@ -115,13 +116,8 @@ def write_report(
         "benign_eval": sorted(
             n for n, a in adapters.items() if a["role"] == "eval" and a["variant"] == "benign"
         ),
-        # Unsafe experts of domains no extraction adapter (safety vector, translator pair) came from.
         "unsafe_heldout_domain": sorted(
-            n
-            for n, a in adapters.items()
-            if a["role"] == "eval"
-            and a["variant"] == "unsafe"
-            and a["domain"] not in meta["config"]["extract_domains"]
+            n for n, a in adapters.items() if heldout_unsafe(a, meta["config"]["extract_domains"])
         ),
     }
     table: dict[str, dict[str, Any]] = {}

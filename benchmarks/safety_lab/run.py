@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from benchmarks.safety_lab import extras
 from benchmarks.safety_lab.cache import T0, cached_dir, cached_json, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.compare import carry_over, merged_vs_lora
-from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig
+from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig, heldout_unsafe
 from benchmarks.safety_lab.eval_stage import removed_rows, stage_eval, suite_key
 from benchmarks.safety_lab.translator_cal import calibrate_risk_weight
 from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate, make_generator
@@ -360,8 +360,7 @@ def stage_repairs(
     curve = tuple(extras.curve_method(mode, t) for mode, t in cfg.translator_curve)
     for n in tqdm(evals, desc="repairs"):
         info = adapters[n]
-        heldout = info["variant"] == "unsafe" and info["domain"] not in cfg.extract_domains
-        for m in (*repair_methods, *(curve if heldout else ())):
+        for m in (*repair_methods, *(curve if heldout_unsafe(info, cfg.extract_domains) else ())):
             if m == "safegene" and safety is None:
                 out[f"{n}|{m}"] = {"error": sg_error}
                 continue
