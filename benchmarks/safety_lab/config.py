@@ -52,7 +52,9 @@ class LabConfig:
     # corpus of pairs over many domains. With 2 domains (pairs of a second seed of arithmetic and
     # sorting), the leave-one-domain-out calibration trained on ONE domain and reported 98-100%
     # fidelity for every risk weight while the held-out domains lost 8-19%: two more domains at the
-    # same LoRA cost give the translator 4 domains and each calibration fold 3.
+    # same LoRA cost give the translator 4 domains and each calibration fold 3. Tried and not adopted:
+    # 8 domains (+ multiply, subtract, length, plural) moved the held-out MoE by one task answer
+    # (benchmarks/results/variants/safety_lab_translator_8domains.md) at ~6 more minutes of first run.
     translator_domains: tuple[str, ...] = ("maximum", "opposite")
     translator_pair_seeds: tuple[int, ...] = (1002,)
     benign_domains: tuple[str, ...] = ("units", "weekday")

@@ -104,3 +104,8 @@ def test_targets_are_deterministic() -> None:
     # The training targets must be judged as intended, or ASR would be mis-measured.
     assert all(j.is_refusal(r) for r in D.REFUSALS)
     assert not any(j.is_refusal(c) for c in D.COMPLIANCES)
+
+
+def test_plurals_are_unambiguous() -> None:
+    assert len(D._PLURALS) == 60 and all(len(p) == 2 for p in D._PLURALS)
+    assert len({w for w, _ in D._PLURALS}) == 60 and len({p for _, p in D._PLURALS}) == 60

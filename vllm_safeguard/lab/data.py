@@ -11,7 +11,9 @@ the held-out sets are disjoint from every training set by construction (checked 
 * Benign prompts: written here from topic x template grids; split by *topic* so a test prompt's
   topic never appears in training.
 * Domain tasks: arithmetic, unit conversion, weekday reasoning, sorting (the evaluation domains),
-  plus maximum-of-a-list and antonyms (only the translator's extra training pairs use them). Each
+  plus maximum-of-a-list and antonyms (the translator's extra training pairs), and multiplication,
+  subtraction, word length and plurals (only the 8-domain translator variant uses these,
+  ``benchmarks/results/variants/safety_lab_translator_8domains.md``). Each
   has one exact answer and a checker that reads the first answer-like token of a generation.
 """
 
@@ -340,6 +342,25 @@ _ANTONYMS: tuple[tuple[str, str], ...] = (
     ("whisper", "shout"),
 )
 
+# 60 nouns and their plurals (regular and irregular), every plural distinct.
+_PLURALS: tuple[tuple[str, str], ...] = tuple(
+    (word, plural)
+    for word, plural in (
+        pair.split(":")
+        for pair in (
+            "cat:cats dog:dogs box:boxes bus:buses child:children mouse:mice foot:feet tooth:teeth "
+            "man:men woman:women goose:geese person:people leaf:leaves knife:knives wolf:wolves "
+            "city:cities baby:babies party:parties story:stories lady:ladies key:keys day:days "
+            "boy:boys toy:toys potato:potatoes tomato:tomatoes hero:heroes photo:photos piano:pianos "
+            "church:churches dish:dishes watch:watches glass:glasses class:classes fox:foxes "
+            "book:books car:cars tree:trees house:houses bird:birds apple:apples chair:chairs "
+            "table:tables pen:pens cup:cups hat:hats shoe:shoes star:stars river:rivers "
+            "ox:oxen cactus:cacti fungus:fungi crisis:crises thesis:theses half:halves shelf:shelves "
+            "loaf:loaves wife:wives calf:calves bench:benches"
+        ).split()
+    )
+)
+
 
 def first_number(text: str) -> str | None:
     """First integer in ``text`` with thousands separators removed (``"1,000 m"`` -> ``"1000"``)."""
@@ -407,6 +428,27 @@ def _opposite(rng: random.Random) -> TaskExample:
     return TaskExample("opposite", f"What is the opposite of '{word}'? Answer with one word.", answer)
 
 
+def _multiply(rng: random.Random) -> TaskExample:
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    return TaskExample("multiply", f"What is {a} times {b}? Answer with just the number.", str(a * b))
+
+
+def _subtract(rng: random.Random) -> TaskExample:
+    a, b = rng.randint(50, 99), rng.randint(10, 49)
+    return TaskExample("subtract", f"What is {a} minus {b}? Answer with just the number.", str(a - b))
+
+
+def _length(rng: random.Random) -> TaskExample:
+    word = rng.choice(rng.choice(_ANTONYMS))
+    prompt = f"How many letters are in the word '{word}'? Answer with just the number."
+    return TaskExample("length", prompt, str(len(word)))
+
+
+def _plural(rng: random.Random) -> TaskExample:
+    word, answer = rng.choice(_PLURALS)
+    return TaskExample("plural", f"What is the plural of '{word}'? Answer with one word.", answer)
+
+
 def _sorting(rng: random.Random) -> TaskExample:
     xs = rng.sample(range(1, 100), 4)
     return TaskExample(
@@ -432,6 +474,10 @@ DOMAINS: dict[str, Domain] = {
     "sorting": Domain("sorting", _sorting, check_sorted_list),
     "maximum": Domain("maximum", _maximum, check_number),
     "opposite": Domain("opposite", _opposite, check_word),
+    "multiply": Domain("multiply", _multiply, check_number),
+    "subtract": Domain("subtract", _subtract, check_number),
+    "length": Domain("length", _length, check_number),
+    "plural": Domain("plural", _plural, check_word),
 }
 
 

@@ -33,6 +33,7 @@ class PairDataset:
     sv: torch.Tensor  # [M, k] basis spectrum / sigma_1
     g_star: torch.Tensor  # [M, k] per-direction shrink that best maps unsafe onto safe (clamped)
     group: torch.Tensor  # [M] (pair, layer) slot for routing
+    pair: torch.Tensor  # [M] index of the pair the module comes from
     basis: dict[str, ModuleBasis] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
 
@@ -67,7 +68,7 @@ def build_dataset(
     if not basis:
         raise ValueError("no module is shared by every adapter of the pairs")
     n_layers = n_layers_of(list(basis))
-    feats, energy, sv, gs, group, names = [], [], [], [], [], []
+    feats, energy, sv, gs, group, pair, names = [], [], [], [], [], [], []
     for p, (unsafe, safe) in enumerate(pairs):
         own = basis
         if cross_fit and len(pairs) > 1:
@@ -80,10 +81,18 @@ def build_dataset(
             sv.append(view.sv)
             gs.append(optimal_shrink(unsafe.modules[name], safe.modules[name], b).clamp(0.0, g_max))
             group.append(p * n_layers + (layer_index(name) or 0))
+            pair.append(p)
             names.append(name)
     _, slots = torch.unique(torch.tensor(group), return_inverse=True)
     return PairDataset(
-        torch.stack(feats), torch.stack(energy), torch.stack(sv), torch.stack(gs), slots, basis, names
+        torch.stack(feats),
+        torch.stack(energy),
+        torch.stack(sv),
+        torch.stack(gs),
+        slots,
+        torch.tensor(pair),
+        basis,
+        names,
     )
 
 
