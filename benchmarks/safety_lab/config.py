@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vllm_safeguard.lab.train import Recipe
+from vllm_safeguard.translator.model import TranslatorConfig
 
 DOMAIN_NAMES = ("arithmetic", "units", "weekday", "sorting")
 
@@ -110,6 +111,11 @@ class LabConfig:
     # experts (neither is used by any ASR/fidelity number): the smallest alpha reaching the target.
     alpha_cal_sweep: tuple[float, ...] = (1.0, 1.5, 2.0)
     alpha_cal_target_asr: float = 0.05
+
+    def translator_config(self) -> TranslatorConfig:
+        """The translator's network config: one place for the lab's artifact, its calibration folds
+        and the routing-headroom script, so all three train the same network."""
+        return TranslatorConfig(k=self.translator_k, hidden=self.translator_hidden, seed=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -60,12 +60,12 @@ def stage_translator(
     ``risk_weight`` comes from ``translator_cal.calibrate_risk_weight``."""
     from benchmarks.safety_lab.translator_cal import translator_pairs
     from vllm_safeguard.adapter_io import load_adapter
-    from vllm_safeguard.translator import Translator, TranslatorConfig, train_and_save
+    from vllm_safeguard.translator import Translator, train_and_save
 
     pairs = translator_pairs(adapters)
     if not pairs:
         raise RuntimeError("no (unsafe, safe) pairs to train the translator on")
-    tcfg = TranslatorConfig(k=cfg.translator_k, hidden=cfg.translator_hidden, seed=0)
+    tcfg = cfg.translator_config()
     key = key_of(
         "translator",
         ref_key,

@@ -77,10 +77,10 @@ def calibrate_risk_weight(
     from vllm_safeguard.adapter_io import load_adapter, save_adapter
     from vllm_safeguard.evaluation.merged import MergedVLLMGenerator
     from vllm_safeguard.methods import repair
-    from vllm_safeguard.translator import TranslatorConfig, build_dataset, train_translator
+    from vllm_safeguard.translator import build_dataset, train_translator
 
     pairs = translator_pairs(adapters)
-    tcfg = TranslatorConfig(k=cfg.translator_k, hidden=cfg.translator_hidden, seed=0)
+    tcfg = cfg.translator_config()
     key = key_of(
         "translator-cal",
         "leave-one-domain-out",

@@ -11,8 +11,8 @@ come from experts trained on the OTHER pairs, as an adapter's are at repair time
     oracle     = sum_slots min_w sum_{m in slot} loss_m(g_w) / M   # best mixture per (pair, layer)
     headroom   = 1 - oracle / constant
 
-``loss_m`` is the router's training loss per module (train.py). ``oracle`` picks each slot's
-mixture in hindsight, so ``headroom`` bounds what any per-layer router could gain over a constant.
+``loss_m`` is the router's training loss per module (``train.router_loss_per_module``). ``oracle``
+picks each slot's mixture in hindsight, so ``headroom`` bounds what any per-layer router could gain over a constant.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .model import Translator, TranslatorConfig
-from .train import PairDataset, train_translator
+from .train import PairDataset, router_loss_per_module, train_translator
 
 
 def subset(data: PairDataset, mask: torch.Tensor) -> PairDataset:
@@ -58,13 +58,6 @@ def out_of_fold_outputs(data: PairDataset, config: TranslatorConfig, **train_kw:
     return out
 
 
-def module_losses(g: torch.Tensor, data: PairDataset, risk_weight: float) -> torch.Tensor:
-    """``[..., M]`` router loss per module of shrinks ``g`` [..., M, k] (see the module docstring)."""
-    fid = (data.energy * (g - data.g_star) ** 2).sum(-1)
-    risk = (data.sv**2 * data.energy * (1.0 - g).clamp_min(0.0) ** 2).sum(-1)
-    return fid + risk_weight * risk
-
-
 def mixing_headroom(
     data: PairDataset,
     outputs: torch.Tensor,
@@ -82,7 +75,7 @@ def mixing_headroom(
     n = len(data)
     w = torch.linspace(0.0, 1.0, grid)
     g = (1 - w)[:, None, None] * outputs[0] + w[:, None, None] * outputs[1]  # [W, M, k]
-    per = module_losses(g, data, risk_weight)  # [W, M]
+    per = router_loss_per_module(g, data, risk_weight)  # [W, M]
     total = per.sum(1) / n
     best = int(total.argmin())
     n_slots = int(data.group.max()) + 1
@@ -107,7 +100,7 @@ def mixing_headroom(
             wr = weights[data.group]  # [M, 2]
             gr = wr[:, :1] * outputs[0] + wr[:, 1:] * outputs[1]
             result["learned"] = {
-                "loss": float(module_losses(gr, data, risk_weight).mean()),
+                "loss": float(router_loss_per_module(gr, data, risk_weight).mean()),
                 "w_expert1_mean": float(weights[:, 1].mean()),
                 "w_expert1_std": float(weights[:, 1].std()) if len(weights) > 1 else 0.0,
             }

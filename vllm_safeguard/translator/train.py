@@ -96,15 +96,30 @@ def build_dataset(
     )
 
 
+def distance_per_module(g: torch.Tensor, data: PairDataset, target: torch.Tensor) -> torch.Tensor:
+    """``[..., M]``: ``sum_j e_j (g_j - target_j)^2`` per module, for shrinks ``g`` [..., M, k]."""
+    return (data.energy * (g - target) ** 2).sum(-1)
+
+
+def risk_per_module(g: torch.Tensor, data: PairDataset) -> torch.Tensor:
+    """``[..., M]``: compliance energy left after the shrink, weighted by each direction's importance,
+    ``sum_j sv_j^2 e_j max(1 - g_j, 0)^2`` per module (a reversed component counts 0)."""
+    return (data.sv**2 * data.energy * (1.0 - g).clamp_min(0.0) ** 2).sum(-1)
+
+
+def router_loss_per_module(g: torch.Tensor, data: PairDataset, risk_weight: float) -> torch.Tensor:
+    """``[..., M]``: the router's loss per module (fidelity to the safe adapter + weighted risk)."""
+    return distance_per_module(g, data, data.g_star) + risk_weight * risk_per_module(g, data)
+
+
 def shrink_distance(g: torch.Tensor, data: PairDataset, target: torch.Tensor) -> torch.Tensor:
-    """Mean over modules of ``sum_j e_j (g_j - target_j)^2``."""
-    return (data.energy * (g - target) ** 2).sum(1).mean()
+    """Mean over modules of :func:`distance_per_module`."""
+    return distance_per_module(g, data, target).mean()
 
 
 def risk_left(g: torch.Tensor, data: PairDataset) -> torch.Tensor:
-    """Compliance energy left after the shrink, weighted by each direction's importance:
-    ``sum_j sv_j^2 e_j max(1 - g_j, 0)^2`` (mean over modules; a reversed component counts 0)."""
-    return (data.sv**2 * data.energy * (1.0 - g).clamp_min(0.0) ** 2).sum(1).mean()
+    """Mean over modules of :func:`risk_per_module`."""
+    return risk_per_module(g, data).mean()
 
 
 def train_translator(
