@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.safety_lab.config import CONFIG, LabConfig
-from benchmarks.safety_lab.translator_cal import translator_pairs
+from benchmarks.safety_lab.translator_cal import train_quietly, translator_pairs
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "safety_lab.json"
 
@@ -34,7 +34,7 @@ def lab_config(meta_config: dict[str, Any]) -> LabConfig:
 
 def measure(result: dict[str, Any]) -> dict[str, Any]:
     from vllm_safeguard.adapter_io import load_adapter
-    from vllm_safeguard.translator import build_dataset, train_translator
+    from vllm_safeguard.translator import build_dataset
     from vllm_safeguard.translator.headroom import mixing_headroom, out_of_fold_outputs
 
     cfg, adapters = lab_config(result["meta"]["config"]), result["meta"]["adapters"]
@@ -52,14 +52,7 @@ def measure(result: dict[str, Any]) -> dict[str, Any]:
     outputs = out_of_fold_outputs(data, tcfg, expert_steps=cfg.translator_expert_steps)
     rows = []
     for w in sorted({chosen, *cfg.translator_risk_sweep}):
-        model, _ = train_translator(
-            data,
-            tcfg,
-            expert_steps=cfg.translator_expert_steps,
-            router_steps=cfg.translator_router_steps,
-            risk_weight=w,
-            progress=False,
-        )
+        model = train_quietly(cfg, data, w)
         rows.append({"chosen": w == chosen, **mixing_headroom(data, outputs, w, router=model)})
     return {"pairs": pairs, "experts": tcfg.experts, "rows": rows}
 

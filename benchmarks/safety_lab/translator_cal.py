@@ -40,6 +40,22 @@ def translator_pairs(adapters: dict[str, dict[str, Any]]) -> list[tuple[str, str
     return pairs
 
 
+def train_quietly(cfg: LabConfig, data: Any, risk_weight: float) -> Any:
+    """The lab's translator trained on ``data`` (a ``PairDataset``) at ``risk_weight``, no progress
+    bars: what each calibration fold and the routing-headroom script train."""
+    from vllm_safeguard.translator import train_translator
+
+    model, _ = train_translator(
+        data,
+        cfg.translator_config(),
+        expert_steps=cfg.translator_expert_steps,
+        router_steps=cfg.translator_router_steps,
+        risk_weight=risk_weight,
+        progress=False,
+    )
+    return model
+
+
 def calibration_suite(cfg: LabConfig, data: dict[str, Any], domain: str) -> EvalSuite:
     tasks = [
         TaskItem(e.prompt, e.answer, domain) for e in D.domain_train_set(domain, cfg.n_task_test, seed=99)
@@ -77,7 +93,7 @@ def calibrate_risk_weight(
     from vllm_safeguard.adapter_io import load_adapter, save_adapter
     from vllm_safeguard.evaluation.merged import MergedVLLMGenerator
     from vllm_safeguard.methods import repair
-    from vllm_safeguard.translator import build_dataset, train_translator
+    from vllm_safeguard.translator import build_dataset
 
     pairs = translator_pairs(adapters)
     tcfg = cfg.translator_config()
@@ -113,14 +129,7 @@ def calibrate_risk_weight(
                 for u in held:
                     jobs[f"{u}|none"] = (adapters[u]["path"], suite)
                 for w in cfg.translator_risk_sweep:
-                    model, _ = train_translator(
-                        dataset,
-                        tcfg,
-                        expert_steps=cfg.translator_expert_steps,
-                        router_steps=cfg.translator_router_steps,
-                        risk_weight=w,
-                        progress=False,
-                    )
+                    model = train_quietly(cfg, dataset, w)
                     for u in held:
                         res = repair(
                             loaded[u],
