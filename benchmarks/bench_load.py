@@ -47,6 +47,9 @@ from vllm_safeguard.workspace import Workspace, prepare_tiny_workspace, unsafe_a
 
 MODEL = "tiny"
 METHOD = "nlsr"
+# Half of each module's neurons transplanted: repairs the tiny workspace's unsafe adapter below
+# max_served_risk (NLSR's default 10% leaves risk 0.68, which admission refuses as unrepairable).
+METHOD_OPTIONS = '{"neuron_fraction": 0.5}'
 MAX_TOKENS = 4
 
 
@@ -195,17 +198,28 @@ def make_good_adapters(setup: Setup, n: int) -> list[Path]:
     return out
 
 
-def launch(setup: Setup, port: int, *, log_path: Path, max_cpu_loras: int = 16) -> ServerProcess:
+def launch(
+    setup: Setup,
+    port: int,
+    *,
+    log_path: Path,
+    max_cpu_loras: int = 16,
+    max_loras: int = 2,
+    extra_env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """The bench server; ``extra_env`` (e.g. ``SAFEGUARD_RISK_THRESHOLD``) overrides the plugin's env."""
     env = dict(
         os.environ,
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         SAFEGUARD_METHOD=METHOD,
+        SAFEGUARD_METHOD_OPTIONS=METHOD_OPTIONS,
         SAFEGUARD_RISK_THRESHOLD="0",
         SAFEGUARD_CACHE_DIR=str(setup.root / "cache"),
         SAFEGUARD_ADAPTER_ROOTS=os.pathsep.join([str(setup.attacks_root), str(setup.good_root)]),
     )
     env.pop("SAFEGUARD_ENABLED", None)
+    env.update(extra_env or {})
     static = setup.good_root / "static"
     if not static.exists():
         shutil.copytree(setup.ws.adapters["unsafe"], static)
@@ -213,7 +227,7 @@ def launch(setup: Setup, port: int, *, log_path: Path, max_cpu_loras: int = 16) 
         "--model", str(setup.ws.base), "--served-model-name", MODEL,
         "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "256", "--seed", "0",
-        "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", str(max_cpu_loras),
+        "--enable-lora", "--max-lora-rank", "8", "--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras),
         "--lora-modules", f"static={static}",
     ]  # fmt: skip
     return start_server(argv, env=env, log_path=log_path, ready_timeout=420)

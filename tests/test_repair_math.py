@@ -92,14 +92,41 @@ def test_adapter_inside_subspace_is_untouched(problem):
 def test_risk_matches_dense(problem):
     ref, ad = problem
     report = score_adapter(ad, ref)
-    undone = mass = 0.0
+    worst = undone_total = 0.0
     for name, mod in ad.modules.items():
         sub = ref.modules[name]
         coords = torch.diagonal(sub.u.T @ mod.delta() @ sub.vh.T)
-        undone += float((sub.s * torch.minimum((-coords).clamp(min=0), sub.s)).sum())
-        mass += float((sub.s**2).sum())
-    assert report.score == pytest.approx(undone / mass, abs=1e-4)
-    assert 0.0 <= report.score <= 1.0
+        undone = float((sub.s * (-coords).clamp(min=0)).sum())  # unclamped: over-cancelling counts
+        worst = max(worst, undone / float((sub.s**2).sum()))
+        undone_total += undone
+    total_mass = sum(float((sub.s**2).sum()) for sub in ref.modules.values())
+    assert report.score == pytest.approx(worst, rel=1e-4, abs=1e-5)  # the worst module
+    assert report.pooled == pytest.approx(undone_total / total_mass, rel=1e-4, abs=1e-5)
+    assert 0.0 <= report.pooled <= report.score + 1e-6
+
+
+@given(problems(), st.floats(1.0, 5.0), st.integers(1, 6))
+def test_risk_cannot_be_diluted_or_saturated(problem, push, n_zero):
+    """Adding zero or harmless modules never lowers the score; pushing harder never lowers it."""
+    ref, ad = problem
+    base = score_adapter(ad, ref).score
+    name, mod = next(iter(ad.modules.items()))
+    zeros = {
+        f"{name}.zero{i}": LoRAModule(f"{name}.zero{i}", mod.lora_a * 0, mod.lora_b * 0)
+        for i in range(n_zero)
+    }
+    diluted = ad.replace_modules({**ad.modules, **zeros})
+    ref_zero = ref.modules[name]
+    ref.modules.update({k: ref_zero for k in zeros})
+    try:
+        assert score_adapter(diluted, ref).score == pytest.approx(base, rel=1e-6, abs=1e-9)
+    finally:
+        for k in zeros:
+            del ref.modules[k]
+    harder = ad.replace_modules(
+        {n: LoRAModule(n, m.lora_a, m.lora_b * push, m.scaling) for n, m in ad.modules.items()}
+    )
+    assert score_adapter(harder, ref).score >= base * push * (1 - 1e-4) - 1e-6
 
 
 @given(problems(), st.floats(0.0, 2.0), st.floats(0.05, 1.0))

@@ -23,7 +23,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,15 +52,25 @@ _TORCH_TO_TAG = {v[0]: k for k, v in _ALLOWED_DTYPES.items()}
 _KEY_RE = re.compile(
     r"^base_model\.model\.(?P<module>[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.lora_(?P<ab>[AB])\.weight\Z"
 )
-# rank_pattern keys are untrusted: PEFT treats them as regexes, we accept only plain module paths
-# (matched as a dotted suffix) so a hostile pattern cannot cause catastrophic backtracking.
-_PATTERN_KEY_RE = re.compile(r"^[A-Za-z0-9_.]{1,256}\Z")
-# Config fields that would make a loader import or resolve code, or bypass the repair.
+# rank_pattern keys are untrusted regular expressions (vLLM and PEFT match them with re.match). We read
+# them with the same rule but accept only this charset ("." is still the regex wildcard), so a hostile
+# pattern cannot backtrack catastrophically; any other regex feature is refused with a 400.
+_PATTERN_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,256}\Z")
+# Config fields that would make a loader import or resolve code, or bypass the repair; and the PEFT
+# features vLLM refuses (vllm/lora/peft_helper.py ``_validate_features``), refused here before any
+# tensor is read so the client gets a 400 naming the field, not a late "vLLM could not load" error.
 _FORBIDDEN_NON_NULL = {
     "auto_mapping": "names custom code to import",
     "modules_to_save": "ships full weights that bypass the LoRA repair",
-    "layer_replication": "rewires base layers",
+    "layer_replication": "rewires base layers (vLLM does not support layer_replication)",
+    "lora_bias": "adds a bias vLLM does not support (lora_bias)",
+    "alora_invocation_tokens": "is Activated LoRA (aLoRA), which vLLM does not support",
+    "use_bdlora": "is block-diagonal LoRA (BD-LoRA), which vLLM does not support",
+    "use_qalora": "is QALoRA, which vLLM does not support",
 }
+# init_lora_weights values whose saved adapter is a plain LoRA (vLLM's ``_init_is_supported``); other
+# strings (PiSSA, OLoRA, CorDA, LoftQ) modify the base weights when PEFT loads the adapter.
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 
 # Largest lora_alpha / alpha_pattern value accepted (real adapters use at most a few thousand).
@@ -215,10 +225,25 @@ def read_adapter_config(path: Path, limits: AdapterLimits = DEFAULT_LIMITS) -> d
     if peft_type != "LORA":
         _fail("only LoRA adapters are supported", path, key="peft_type", value=peft_type)
     for name, why in _FORBIDDEN_NON_NULL.items():
-        if cfg.get(name) not in (None, [], {}):
+        if cfg.get(name) not in (None, False, [], {}):
             _fail(f"field is not allowed: it {why}", path, key=name, value=cfg[name])
     if cfg.get("use_dora"):
         _fail("DoRA adapters are not supported", path, key="use_dora", value=cfg["use_dora"])
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        _fail(
+            "this init modifies the base weights (PiSSA/OLoRA/CorDA/LoftQ); vLLM does not support it",
+            path,
+            key="init_lora_weights",
+            value=init,
+        )
+    elif not isinstance(init, (bool, str)):
+        _fail("must be a boolean or an init name", path, key="init_lora_weights", value=init, has_value=True)
+    if cfg.get("bias", "none") != "none":
+        _fail("adapter bias is not supported by vLLM", path, key="bias", value=cfg.get("bias"))
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:  # vLLM's PEFTHelper requires them; PEFT's own defaults differ from ours
+            _fail("required field is missing", path, key=key)
     r = cfg.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= limits.max_rank:
         _fail(f"rank must be an integer in [1, {limits.max_rank}]", path, key="r", value=r, has_value=True)
@@ -260,12 +285,16 @@ def read_adapter_config(path: Path, limits: AdapterLimits = DEFAULT_LIMITS) -> d
 
 
 def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank/alpha_pattern lookup restricted to dotted-suffix matches; longest key wins."""
-    best: tuple[int, Any] | None = None
+    """vLLM's ``PEFTHelper._match_pattern`` (= PEFT's ``get_pattern_key``): each key is a regular
+    expression matched as ``(.*\\.)?(key)$`` against the module path, and the first key that matches (in
+    the file's order) wins. Keys are limited to ``[A-Za-z0-9_.-]`` by :func:`read_adapter_config`, so
+    ``.`` is the regex wildcard here too (``q.proj`` matches ``q_proj``, as it does in vLLM) and no key
+    can backtrack catastrophically. ``tests/plugin/test_canonical_vllm.py`` compares this reading with
+    vLLM's own on random patterns."""
     for key, value in pattern.items():
-        if (module == key or module.endswith("." + key)) and (best is None or len(key) > best[0]):
-            best = (len(key), value)
-    return default if best is None else best[1]
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def module_rank(cfg: Mapping[str, Any], module: str) -> int:
@@ -575,3 +604,23 @@ def module_shapes_from_model_dir(model_dir: str | os.PathLike[str]) -> dict[str,
                 if len(shape) == 2:
                     shapes[name[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
     return shapes
+
+
+def module_norms_from_model_dir(
+    model_dir: str | os.PathLike[str], keep: Callable[[str], bool] | None = None
+) -> dict[str, float]:
+    """``module path -> ||W||_F`` (fp32) of the base model's 2-D ``*.weight`` tensors (all, or those
+    whose module path ``keep`` accepts). Read once per process; it bounds an adapter's update against
+    the weight it changes.
+    """
+    root = Path(model_dir)
+    norms: dict[str, float] = {}
+    for fp in sorted(root.glob("*.safetensors")):
+        with safe_open(str(fp), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                module = name[: -len(".weight")] if name.endswith(".weight") else None
+                if module is None or (keep is not None and not keep(module)):
+                    continue
+                if len(f.get_slice(name).get_shape()) == 2:
+                    norms[module] = float(torch.linalg.norm(f.get_tensor(name).to(torch.float32)))
+    return norms

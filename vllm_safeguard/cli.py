@@ -360,6 +360,55 @@ def eval_cmd(
         typer.echo(f"wrote {out}")
 
 
+@app.command()
+def admit(
+    adapter: Path = typer.Argument(..., help="PEFT LoRA adapter folder to admit."),
+    model: Path = typer.Option(
+        ..., help="Served (aligned) model folder; its artifacts are located as the server does."
+    ),
+    config: Path | None = typer.Option(None, help="Config file (YAML/TOML), as SAFEGUARD_CONFIG_FILE."),
+    additional_config: str = typer.Option(
+        "{}", help="JSON as given to vLLM's --additional-config (e.g. '{\"safeguard\": {...}}')."
+    ),
+    out: Path | None = typer.Option(None, help="Write the folder vLLM would be handed here."),
+    max_lora_rank: int | None = typer.Option(None, help="vLLM's --max-lora-rank."),
+    dtype: str = typer.Option(
+        "auto", help="Served dtype (vLLM's --dtype): auto, float16, bfloat16, float32."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the decision as JSON."),
+) -> None:
+    """Dry run of the worker's admission: refused / repaired / passed, why, risk before and after.
+
+    Exit code 0 when the adapter would be served, 3 when it would be refused, 2 on a usage error.
+    """
+    from .admit_dry_run import dry_run
+
+    try:
+        extra = json.loads(additional_config)
+        result = dry_run(
+            adapter,
+            model,
+            out,
+            config_file=config,
+            additional_config=extra,
+            max_lora_rank=max_lora_rank,
+            dtype=dtype,
+        )
+    except (SafeguardError, ValueError, OSError) as e:
+        _fail(e)
+    if json_out:
+        typer.echo(result.to_json())
+    else:
+        risk = "" if result.risk_before is None else f"; risk {result.risk_before:.3f}"
+        if result.risk_after is not None:
+            risk += f" -> {result.risk_after:.3f}"
+        why = f" ({result.refusal}): {result.reason}" if result.reason else ""
+        typer.echo(f"{result.decision}{why}{risk}")
+        if result.out:
+            typer.echo(f"wrote {result.out}")
+    raise typer.Exit(3 if result.decision == "refused" else 0)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(ctx: typer.Context) -> None:
     """Start vLLM's OpenAI server with the plugin active; all arguments go to vLLM."""

@@ -20,7 +20,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -72,14 +72,20 @@ class SafeguardConfig(BaseModel):
     risk_threshold: float = Field(
         0.0,
         ge=0.0,
-        le=1.0,
-        description="Adapters whose risk score (in [0, 1]) is below this pass unchanged; 0 repairs every adapter.",
+        description=(
+            "Adapters whose risk score (worst module, see vllm_safeguard.risk: 1 = cancels that module's "
+            "alignment delta exactly, unbounded above) is below this pass (canonicalized, unrepaired); at or "
+            "above it the method must bring the score below it (and below max_served_risk), else the "
+            "adapter is refused (refused_unrepairable). 0 runs the method on every adapter."
+        ),
     )
     fail_closed: bool = Field(
         True,
         description=(
-            "Refuse an adapter whose validation or repair fails (the client gets a 4xx). False serves the "
-            "unrepaired adapter through vLLM's own loader instead, with an error in the log (not recommended)."
+            "Refuse an adapter whose processing fails (artifacts, timeouts, internal errors: the client gets "
+            "a 4xx). False serves such an adapter unrepaired through vLLM's own loader instead, with an error "
+            "in the log (not recommended). Decisions are never overridden: an adapter refused as invalid, "
+            "uncovered or unrepairable is refused either way."
         ),
     )
     reference_path: Path | None = Field(
@@ -115,6 +121,41 @@ class SafeguardConfig(BaseModel):
         4 * 1024**3,
         ge=1,
         description="Largest adapter (sum of tensor bytes) accepted; larger ones are refused.",
+    )
+    max_served_risk: float | None = Field(
+        0.5,
+        gt=0,
+        description=(
+            "No adapter is served at or above this risk, whatever the threshold: with risk_threshold 0 "
+            "(repair every adapter) it is the limit a repair must get below, else the adapter is refused "
+            "(refused_unrepairable). 0.5 = half of some module's alignment delta undone. None disables it "
+            "(then with threshold 0 any result of the method is served)."
+        ),
+    )
+    coverage: Literal["refuse", "strip"] = Field(
+        "refuse",
+        description=(
+            "What to do with an adapter module the alignment reference does not cover (lm_head, "
+            "embed_tokens, anything unknown) and coverage_allow does not name: 'refuse' (default) refuses the "
+            "adapter with a 400 naming the module; 'strip' removes such modules (logged, counted in "
+            "safeguard_modules_stripped_total) and serves the rest. Nothing is served that nothing scored."
+        ),
+    )
+    coverage_allow: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Operator allow-list of uncovered module paths (fnmatch globs, e.g. 'lm_head') that may be served "
+            "without a risk score. They are still canonicalized and bounded by max_update_ratio."
+        ),
+    )
+    max_update_ratio: float | None = Field(
+        100.0,
+        gt=0,
+        description=(
+            "Largest ||B A||_F / ||W||_F of any adapted module (W: the base weight it changes). Real LoRA "
+            "updates are far below 1; this refuses absurd updates (e.g. ~1e30 factors that fit fp32 but "
+            "serve NaN). None disables the bound. Needs the model folder (skipped with a warning without it)."
+        ),
     )
     adapter_roots: list[Path] = Field(
         default_factory=list,
@@ -244,6 +285,10 @@ class SafeguardConfig(BaseModel):
             "method_options": self.method_options,
             "risk_threshold": self.risk_threshold,
             "max_rank": self.max_rank,
+            "coverage": self.coverage,
+            "coverage_allow": self.coverage_allow,
+            "max_update_ratio": self.max_update_ratio,
+            "max_served_risk": self.max_served_risk,
         }
 
     def summary(self) -> str:
@@ -303,7 +348,9 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
                 raise ConfigError(f"{name} must be a JSON object: {e} (got {raw!r})") from e
         elif field == "adapter_roots":
             value = [part for part in raw.split(os.pathsep) if part.strip()]
-        elif field == "repair_timeout_s":
+        elif field == "coverage_allow":
+            value = [part.strip() for part in raw.split(",") if part.strip()]
+        elif field in ("repair_timeout_s", "max_update_ratio", "max_served_risk"):
             value = None if raw.strip().lower() in ("", "none") else raw
         elif (
             field

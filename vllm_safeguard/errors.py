@@ -35,6 +35,7 @@ class AdapterValidationError(SafeguardError):
         self.file = file
         self.key = key
         self.value = value
+        self.has_value = has_value
         parts = []
         if file is not None:
             parts.append(str(file))
@@ -57,3 +58,21 @@ class RepairError(SafeguardError):
 
 class ConfigError(SafeguardError):
     """A configuration value is invalid (the message quotes it)."""
+
+
+class CoverageError(SafeguardError):
+    """The adapter touches a module nothing can score (outside the alignment reference and the allow-list)."""
+
+
+class UnrepairableError(RepairError):
+    """The adapter is at or above the risk threshold and the method did not bring it below (fail closed)."""
+
+
+def relocated(error: AdapterValidationError, staged: str, source: str) -> AdapterValidationError:
+    """The same error naming ``source`` instead of the private staging copy it was found in."""
+    if not error.file or not error.file.startswith(staged):
+        return error
+    file = source + error.file[len(staged) :]
+    return AdapterValidationError(
+        error.problem, file=file, key=error.key, value=error.value, has_value=error.has_value
+    )

@@ -64,12 +64,15 @@ def build_dashboard() -> dict[str, Any]:
             0,
             0,
             unit="ops",
-            description="repaired / passed (below the risk threshold) / refused (fail-closed).",
+            description=(
+                "repaired / passed (below the risk threshold) / refused_invalid / refused_uncovered / "
+                "refused_unrepairable / refused_error (fail-closed) / unrepaired (fail_closed=false)."
+            ),
         ),
         _panel(
             2,
             "Refused adapters (total)",
-            [(f'sum({m.LOADS}{{{SEL},outcome="refused"}})', "refused")],
+            [(f'sum({m.LOADS}{{{SEL},outcome=~"refused.*"}})', "refused")],
             12,
             0,
             kind="stat",
@@ -190,6 +193,23 @@ def build_dashboard() -> dict[str, Any]:
             0,
             40,
             kind="bargauge",
+        ),
+        _panel(
+            13,
+            "Integrity: stripped modules, reloads, step failures",
+            [
+                (f"sum(increase({m.MODULES_STRIPPED}{{{SEL}}}[$__range]))", "uncovered modules stripped"),
+                (f"sum(increase({m.RELOADS}{{{SEL}}}[$__range]))", "reloads from the admitted copy"),
+                (f"sum(increase({m.STEP_FAILURES}{{{SEL}}}[$__range]))", "step failures (served by base)"),
+            ],
+            12,
+            40,
+            kind="bargauge",
+            description=(
+                "Eviction reloads come from each adapter's admitted canonical copy; a step failure means that "
+                "copy was gone inside an engine step and the requests got the base model (the engine kept "
+                "running). Any step failure needs attention."
+            ),
         ),
     ]
     return {

@@ -4,7 +4,7 @@ vLLM's API server renders ``/metrics`` from a registry that reads every process'
 ``PROMETHEUS_MULTIPROC_DIR`` is set (a fresh, empty directory, set before launch; ``vllm-safeguard
 serve`` does this). Without it, only the API server's own metrics are visible and the worker's are not.
 
-Labels are bounded: ``outcome`` (4 values), ``method`` (the registered methods), ``cache``
+Labels are bounded: ``outcome`` (7 values, :data:`OUTCOMES`), ``method`` (the registered methods), ``cache``
 (hit/miss), ``model_name`` (one per server). Adapter names are never labels: they are unbounded
 (runtime loading, resolvers).
 """
@@ -21,9 +21,12 @@ from . import __version__
 OUTCOMES = (
     "repaired",
     "passed",
-    "refused",
+    "refused_invalid",  # bad or unbounded input, or something vLLM would refuse
+    "refused_uncovered",  # a module the alignment reference does not cover (coverage='refuse')
+    "refused_unrepairable",  # at/above the risk threshold and the method did not bring it below
+    "refused_error",  # config, artifacts, timeouts: the plugin could not decide
     "unrepaired",
-)  # unrepaired: fail_closed=false and the pipeline failed
+)  # unrepaired: fail_closed=false and the pipeline failed (never for the three decisions above)
 
 # Full exposition names (what a query sees). The Grafana test checks the dashboard against these.
 LOADS = "safeguard_adapter_loads_total"
@@ -37,6 +40,9 @@ WORKER_ACTIVE = "safeguard_worker_active"
 GUARD_SCORE = "safeguard_guard_score"
 GUARD_FLAGGED = "safeguard_guard_flagged_total"
 TRANSLATOR_ROUTING = "safeguard_translator_adapters_total"
+MODULES_STRIPPED = "safeguard_modules_stripped_total"
+RELOADS = "safeguard_adapter_reloads_total"
+STEP_FAILURES = "safeguard_step_failures_total"
 
 HISTOGRAMS = (REPAIR_DURATION, RISK_SCORE, GUARD_SCORE)
 METRIC_NAMES: tuple[str, ...] = (
@@ -51,6 +57,9 @@ METRIC_NAMES: tuple[str, ...] = (
     GUARD_SCORE,
     GUARD_FLAGGED,
     TRANSLATOR_ROUTING,
+    MODULES_STRIPPED,
+    RELOADS,
+    STEP_FAILURES,
 )
 
 
@@ -75,6 +84,9 @@ class SafeguardMetrics:
     guard_score: Histogram
     guard_flagged: Counter
     translator_routing: Counter
+    modules_stripped: Counter
+    reloads: Counter
+    step_failures: Counter
 
 
 _lock = threading.Lock()
@@ -96,7 +108,7 @@ def get_metrics() -> SafeguardMetrics:
             _metrics = SafeguardMetrics(
                 loads=Counter(
                     _strip_total(LOADS),
-                    "Adapter loads seen by vllm-safeguard, by outcome (repaired, passed, refused, unrepaired).",
+                    "Adapter loads seen by vllm-safeguard, by outcome (see OUTCOMES).",
                     ["model_name", "outcome", "method"],
                 ),
                 repair_duration=Histogram(
@@ -107,7 +119,7 @@ def get_metrics() -> SafeguardMetrics:
                 ),
                 risk_score=Histogram(
                     RISK_SCORE,
-                    "Risk score in [0, 1] of each adapter loaded (share of the alignment delta it undoes).",
+                    "Risk score of each adapter loaded (worst module; 1 = cancels its alignment delta exactly).",
                     ["model_name"],
                     buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
                 ),
@@ -146,6 +158,21 @@ def get_metrics() -> SafeguardMetrics:
                     _strip_total(TRANSLATOR_ROUTING),
                     "Adapters repaired by the NeWTral translator, by dominant expert (largest mean routing weight).",
                     ["model_name", "expert"],
+                ),
+                modules_stripped=Counter(
+                    _strip_total(MODULES_STRIPPED),
+                    "Uncovered adapter modules removed before serving (coverage='strip').",
+                    ["model_name"],
+                ),
+                reloads=Counter(
+                    _strip_total(RELOADS),
+                    "Eviction reloads served from the adapter's admitted canonical copy (source never re-read).",
+                    ["model_name"],
+                ),
+                step_failures=Counter(
+                    _strip_total(STEP_FAILURES),
+                    "Adapters that could not be loaded inside an engine step; their requests got the base model.",
+                    ["model_name"],
                 ),
             )
     return _metrics

@@ -16,6 +16,7 @@ vLLM's 500 into a 400 carrying it.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import logging
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from . import __version__
 from .adapter_io import (
     CONFIG_NAME,
@@ -34,12 +37,23 @@ from .adapter_io import (
     AdapterLimits,
     load_adapter,
     locate_adapter_files,
+    module_norms_from_model_dir,
     module_shapes_from_model_dir,
-    save_adapter,
 )
+from .admission import Admission, AdmissionRules, admit
+from .bindings import publish_binding
 from .cache import RepairCache, make_key
+from .canonical import write_canonical
 from .config import SafeguardConfig, load_config, log_effective
-from .errors import AdapterValidationError, ConfigError, ReferenceArtifactError, RepairError, SafeguardError
+from .errors import (
+    AdapterValidationError,
+    ConfigError,
+    CoverageError,
+    ReferenceArtifactError,
+    SafeguardError,
+    UnrepairableError,
+    relocated,
+)
 from .limits import run_with_deadline
 from .locks import NameLocks
 from .paths import resolve_adapter_path, warn_if_unrestricted
@@ -54,28 +68,48 @@ logger = logging.getLogger("vllm_safeguard")
 _CHUNK = 1 << 20
 
 
+# Refusal kinds (the metrics' outcome label is "refused_<kind>").
+REFUSAL_KINDS = ("invalid", "uncovered", "unrepairable", "error")
+
+
+def refusal_kind(error: BaseException) -> str:
+    """``invalid`` (bad or unbounded input, or what vLLM would refuse), ``uncovered`` (a module nothing
+    can score), ``unrepairable`` (risky and not repaired below the threshold), else ``error``."""
+    if isinstance(error, AdapterValidationError):
+        return "invalid"
+    if isinstance(error, CoverageError):
+        return "uncovered"
+    if isinstance(error, UnrepairableError):
+        return "unrepairable"
+    return "error"
+
+
 class AdapterRefused(SafeguardError):
     """An adapter was refused (fail-closed). ``str()`` is delimited for the API-server patch."""
 
-    def __init__(self, adapter_name: str, reason: str) -> None:
+    def __init__(self, adapter_name: str, reason: str, kind: str = "error") -> None:
         self.adapter_name = adapter_name
         self.reason = reason
-        super().__init__(f"{REFUSAL_START}adapter {adapter_name!r} refused: {reason}{REFUSAL_END}")
+        self.kind = kind
+        super().__init__(f"{REFUSAL_START}adapter {adapter_name!r} refused ({kind}): {reason}{REFUSAL_END}")
 
 
 @dataclass
 class LoadOutcome:
     """What the pipeline decided for one load."""
 
-    path: Path  # folder vLLM must read
+    path: Path  # folder vLLM must read (always a canonical folder the plugin wrote)
     decision: str  # "repaired" | "passed"
-    risk_score: float
+    risk_score: float  # before the repair (worst module, vllm_safeguard.risk)
     cache_hit: bool
     modules: int  # LoRA modules in the folder handed to vLLM
     duration_s: float
     report: dict[str, Any] | None = None
     key: str = ""
     cleanup: Callable[[], None] | None = None  # set when the folder is not a cache entry
+    risk_after: float | None = None  # after the repair (None: it did not run)
+    stripped: list[str] = field(default_factory=list)  # uncovered modules removed (coverage='strip')
+    admission: Admission | None = None  # the in-memory decision (only when computed, not on a cache hit)
 
 
 # ------------------------------------------------------------------------------------------ artifacts
@@ -196,6 +230,10 @@ class PipelineContext:
     model_name: str
     model_dir: Path | None
     max_lora_rank: int | None = None
+    # Module kinds vLLM applies LoRA to for this model (from its adapter manager; None: not known here).
+    expected_modules: set[str] | None = None
+    # dtype the server computes LoRA in (vLLM's lora_dtype / model dtype; None: not known here).
+    served_dtype: Any = None
 
 
 @dataclass
@@ -213,6 +251,7 @@ class SafeguardPipeline:
     _name_locks: NameLocks = field(default_factory=NameLocks)
     translator: Any = None  # vllm_safeguard.translator.Translator for method 'translator'
     translator_hash: str = ""
+    _base_norms: dict[str, float] | None = None  # ||W||_F per module, for max_update_ratio
 
     @classmethod
     def create(cls, config: SafeguardConfig, ctx: PipelineContext) -> SafeguardPipeline:
@@ -230,6 +269,17 @@ class SafeguardPipeline:
         shapes = module_shapes_from_model_dir(ctx.model_dir) if ctx.model_dir is not None else None
         cache = RepairCache(config.cache_dir / "repairs")
         pipeline = cls(config, ctx, reference, safety, cache, shapes)
+        if ctx.model_dir is not None and config.max_update_ratio is not None:
+            covered, allow = set(reference.modules), config.coverage_allow
+            pipeline._base_norms = module_norms_from_model_dir(
+                ctx.model_dir, lambda m: m in covered or any(fnmatch.fnmatchcase(m, p) for p in allow)
+            )
+        elif config.max_update_ratio is not None:
+            logger.warning(
+                "vllm-safeguard: model folder of %r not found; max_update_ratio cannot be enforced "
+                "(only finiteness is)",
+                ctx.model_name,
+            )
         if config.method == "translator":
             pipeline.translator, manifest = locate_translator(config, ctx.model_name, ctx.model_dir)
             pipeline.translator_hash = manifest.content_hash
@@ -254,7 +304,18 @@ class SafeguardPipeline:
             salt += ":" + self.safety.manifest.content_hash
         if self.translator_hash:
             salt += ":" + self.translator_hash
-        return make_key(digest, self.reference.manifest.content_hash, method_cfg, salt=salt)
+        ctx = {
+            "expected_modules": sorted(self.ctx.expected_modules or ()),
+            "served_dtype": str(self.ctx.served_dtype),
+            "canonical": 1,
+        }
+        return make_key(digest, self.reference.manifest.content_hash, method_cfg | ctx, salt=salt)
+
+    def rules(self) -> AdmissionRules:
+        c = self.config
+        return AdmissionRules(
+            c.risk_threshold, c.coverage, tuple(c.coverage_allow), c.max_update_ratio, c.max_served_risk
+        )
 
     def _limits(self) -> AdapterLimits:
         return AdapterLimits(max_total_bytes=self.config.max_adapter_bytes)
@@ -294,6 +355,8 @@ class SafeguardPipeline:
                     if entry is not None:
                         return self._outcome_from_entry(entry, hit=True, t0=t0)
                     return self._build(stage, key, adapter_name, t0, publish=True)
+            except AdapterValidationError as e:  # name the caller's file, not our staging copy
+                raise relocated(e, str(stage), str(folder)) from e
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
 
@@ -308,6 +371,8 @@ class SafeguardPipeline:
             duration_s=time.perf_counter() - t0,
             report=info.get("report"),
             key=entry.key,
+            risk_after=info.get("risk_after"),
+            stripped=list(info.get("stripped") or []),
         )
 
     def _repair_with_deadline(self, repair: Callable[..., Any], adapter: Any) -> Any:
@@ -332,45 +397,36 @@ class SafeguardPipeline:
         )
 
     def _build(self, stage: Path, key: str, adapter_name: str, t0: float, *, publish: bool) -> LoadOutcome:
-        """Validate the staged copy, score it, repair it by policy; publish (or keep private) the result."""
+        """Validate the staged copy, admit it (vllm_safeguard.admission), write the canonical folder and
+        publish it (or keep it private). Never copies the caller's config or tensors."""
         from .methods import repair
-        from .risk import score_adapter
 
         assert self.reference is not None and self.cache is not None
         adapter = load_adapter(stage, limits=self._limits(), base_shapes=self._base_shapes)
-        risk = score_adapter(adapter, self.reference)
-        if not risk.modules:
-            # Nothing to measure against: passing it through would be a silent no-op.
-            raise RepairError(
-                f"none of the adapter's {len(adapter.modules)} modules is covered by the alignment reference "
-                f"(e.g. {next(iter(adapter.modules), '<none>')!r})"
-            )
+        adm = admit(
+            adapter,
+            self.reference,
+            self.rules(),
+            lambda canonical: self._repair_with_deadline(repair, canonical),
+            base_norms=self._base_norms,
+            expected_modules=self.ctx.expected_modules,
+            served_dtype=self.ctx.served_dtype,
+        )
+        report = adm.report.model_dump(mode="json") if adm.report is not None else None
         build_root = self.cache.staging_dir("build-")
         keep = False
         try:
-            out = build_root / "adapter"
-            report: dict[str, Any] | None = None
-            if risk.score < self.config.risk_threshold:
-                decision = "passed"
-                out.mkdir()
-                for name in (CONFIG_NAME, WEIGHTS_NAME):  # the validated bytes, unchanged
-                    shutil.copyfile(stage / name, out / name)
-                modules = len(adapter.modules)
-            else:
-                result = self._repair_with_deadline(repair, adapter)
-                rep = result.report
-                if rep.modules_matched < 1:
-                    raise RepairError("repair matched no module of the adapter")
-                report = rep.model_dump(mode="json")
-                # A method may judge every module harmless (e.g. SafeLoRA's similarity threshold).
-                decision = "repaired" if rep.modules_touched > 0 else "passed"
-                save_adapter(result.adapter, out)
-                modules = len(result.adapter.modules)
+            out = write_canonical(adm.served, build_root / "adapter")
             info = {
-                "decision": decision,
-                "risk_score": risk.score,
+                "decision": adm.decision,
+                "risk_score": adm.risk.score,
+                "risk_after": adm.risk_after,
+                "risk_pooled": adm.risk.pooled,
+                "worst_module": adm.risk.worst_module,
                 "risk_threshold": self.config.risk_threshold,
-                "modules": modules,
+                "modules": len(adm.served.modules),
+                "stripped": adm.stripped,
+                "allowed_uncovered": adm.allowed_uncovered,
                 "method": self.config.method,
                 "report": report,
                 "first_name": adapter_name,
@@ -378,18 +434,23 @@ class SafeguardPipeline:
             }
             if publish:
                 entry = self.cache.put(key, out, info)
-                return self._outcome_from_entry(entry, hit=False, t0=t0)
+                outcome = self._outcome_from_entry(entry, hit=False, t0=t0)
+                outcome.admission = adm
+                return outcome
             keep = True
             return LoadOutcome(
                 path=out,
-                decision=decision,
-                risk_score=risk.score,
+                decision=adm.decision,
+                risk_score=adm.risk.score,
                 cache_hit=False,
-                modules=modules,
+                modules=len(adm.served.modules),
                 duration_s=time.perf_counter() - t0,
                 report=report,
                 key=key,
                 cleanup=functools.partial(shutil.rmtree, build_root, ignore_errors=True),
+                risk_after=adm.risk_after,
+                stripped=adm.stripped,
+                admission=adm,
             )
         finally:
             if not keep:
@@ -401,10 +462,12 @@ def summarize(name: str, outcome: LoadOutcome, config: SafeguardConfig) -> str:
     rep = outcome.report or {}
     what = (
         f"{config.method} touched {rep.get('modules_touched', 0)}/{rep.get('modules_total', outcome.modules)} "
-        f"modules in {rep.get('layers_repaired', 0)} layers"
-        if outcome.report is not None
-        else f"below threshold {config.risk_threshold}, served unchanged"
+        f"modules in {rep.get('layers_repaired', 0)} layers, risk after {outcome.risk_after:.3f}"
+        if outcome.report is not None and outcome.risk_after is not None
+        else f"below threshold {config.risk_threshold}, served canonicalized"
     )
+    if outcome.stripped:
+        what += f"; stripped {len(outcome.stripped)} uncovered modules ({outcome.stripped[:3]})"
     src = "cache hit" if outcome.cache_hit else "computed"
     return (
         f"vllm-safeguard: adapter {name!r}: risk {outcome.risk_score:.3f} -> {outcome.decision} ({what}); "
@@ -417,6 +480,15 @@ def summarize(name: str, outcome: LoadOutcome, config: SafeguardConfig) -> str:
 STATE_ATTR = "_safeguard_state"
 
 
+@dataclass(frozen=True)
+class Binding:
+    """One admitted adapter: its cache key (verified on every reload) or a private folder (no cache)."""
+
+    key: str
+    path: Path
+    private: bool = False
+
+
 @dataclass
 class WorkerState:
     """Attached to each ``WorkerLoRAManager`` by the ``__init__`` patch."""
@@ -425,6 +497,10 @@ class WorkerState:
     config: SafeguardConfig | None = None
     pipeline: SafeguardPipeline | None = None
     error: str | None = None  # why every load is refused (config or artifacts broken)
+    # (lora_name, lora_int_id) -> the canonical folder its first admission produced. vLLM gives every
+    # /v1/load_lora_adapter call a new int id, so an unload + load admits afresh, while an eviction
+    # reload (same request object) is served from this binding and never re-reads the source folder.
+    bindings: dict[tuple[str, int], Binding] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
@@ -466,10 +542,14 @@ def attach_worker(manager: Any, vllm_config: Any) -> WorkerState:
             request_safety_wrapper()
         if config.enabled:
             lora_cfg = vllm_config.lora_config
+            lora_dtype = getattr(lora_cfg, "lora_dtype", None)
             ctx = PipelineContext(
                 model_name=model_name,
                 model_dir=_model_dir(str(model_cfg.model)),
                 max_lora_rank=getattr(lora_cfg, "max_lora_rank", None),
+                served_dtype=lora_dtype
+                if isinstance(lora_dtype, torch.dtype)
+                else getattr(model_cfg, "dtype", None),
             )
             state.pipeline = SafeguardPipeline.create(config, ctx)
             logger.info("vllm-safeguard: active for model %s (method %s)", model_name, config.method)
@@ -514,8 +594,69 @@ def adapter_folder(config: SafeguardConfig, lora_path: str) -> str:
     return str(get_adapter_absolute_path(lora_path))
 
 
-def load_adapter_hook(manager: Any, lora_request: Any, original: Callable[[Any, Any], Any]) -> Any:
-    """The body of the patched ``WorkerLoRAManager._load_adapter``."""
+def _expected_modules(manager: Any) -> set[str] | None:
+    """The module kinds vLLM's loader accepts for this model (what ``_load_adapter`` computes)."""
+    am = getattr(manager, "_adapter_manager", None)
+    if am is None:
+        return None
+    packed = getattr(am, "packed_modules_mapping", {}) or {}
+    out: set[str] = set()
+    for module in getattr(am, "supported_lora_modules", ()):
+        out.update(packed.get(module, [module]))
+        if module == "experts":
+            out.add(module)
+    return out or None
+
+
+def _resolve_bound(pipeline: SafeguardPipeline, binding: Binding) -> Path | None:
+    """The bound canonical folder if it is still intact (cache entries are re-verified), else None."""
+    if binding.private:
+        return binding.path if (binding.path / WEIGHTS_NAME).is_file() else None
+    assert pipeline.cache is not None
+    entry = pipeline.cache.get(binding.key)
+    return None if entry is None else entry.path
+
+
+def _empty_lora(lora_request: Any) -> Any:
+    """An adapter with no module: what a request gets when its admitted copy cannot be had inside an
+    engine step (the engine must not die for one adapter); the base (aligned) model serves it."""
+    from vllm.lora.lora_model import LoRAModel
+
+    return LoRAModel(lora_request.lora_int_id, 1, {})
+
+
+def load_adapter_hook(
+    manager: Any, lora_request: Any, original: Callable[[Any, Any], Any], *, in_step: bool = False
+) -> Any:
+    """The body of the patched ``WorkerLoRAManager._load_adapter``.
+
+    ``in_step``: vLLM called it inside ``execute_model`` (an adapter of a scheduled request was not in
+    its CPU cache). A refusal raised there kills the EngineCore, so in a step nothing raises: a bound
+    adapter is served from its admitted canonical copy; when that copy is gone, or the adapter was
+    never admitted and is refused now, the requests get the base model (an empty adapter), the error is
+    logged and counted (``safeguard_step_failures_total``).
+    """
+    try:
+        return _load_adapter_checked(manager, lora_request, original)
+    except Exception as e:
+        if not in_step:
+            raise
+        from .metrics import get_metrics
+
+        state: WorkerState | None = getattr(manager, STATE_ATTR, None)
+        model_name = state.model_name if state is not None else "unknown"
+        logger.error(
+            "vllm-safeguard: adapter %r could not be loaded inside an engine step; its requests are served "
+            "by the base model without it (the engine keeps running): %s",
+            str(lora_request.lora_name),
+            e,
+        )
+        with _suppress_metric_errors():
+            get_metrics().step_failures.labels(model_name=model_name).inc()
+        return _empty_lora(lora_request)
+
+
+def _load_adapter_checked(manager: Any, lora_request: Any, original: Callable[[Any, Any], Any]) -> Any:
     import msgspec
 
     from .metrics import get_metrics
@@ -528,33 +669,53 @@ def load_adapter_hook(manager: Any, lora_request: Any, original: Callable[[Any, 
     method = state.config.method if state is not None and state.config is not None else "unknown"
     m = get_metrics()
 
-    def refuse(reason: str) -> AdapterRefused:
+    def refuse(reason: str, kind: str = "error") -> AdapterRefused:
         with _suppress_metric_errors():
-            m.loads.labels(model_name=model_name, outcome="refused", method=method).inc()
-        logger.error("vllm-safeguard: adapter %r refused: %s", name, reason)
-        return AdapterRefused(name, reason)
+            m.loads.labels(model_name=model_name, outcome=f"refused_{kind}", method=method).inc()
+        logger.error("vllm-safeguard: adapter %r refused (%s): %s", name, kind, reason)
+        return AdapterRefused(name, reason, kind)
 
     if state is None or state.pipeline is None:
         raise refuse(
             state.error if state is not None and state.error else "safeguard pipeline is not initialised"
         )
     pipeline = state.pipeline
+    if pipeline.ctx.expected_modules is None:
+        pipeline.ctx.expected_modules = _expected_modules(manager)
+    bind_key = (name, int(getattr(lora_request, "lora_int_id", 0) or 0))
+    binding = state.bindings.get(bind_key)
+    if binding is not None:
+        # An eviction reload: the admitted bytes, never the source folder again.
+        bound = _resolve_bound(pipeline, binding)
+        if bound is None:
+            raise refuse(
+                "its admitted canonical copy is gone or corrupt (cache entry "
+                f"{binding.key[:12]}); unload and load the adapter again"
+            )
+        with _suppress_metric_errors():
+            m.reloads.labels(model_name=model_name).inc()
+        return original(manager, msgspec.structs.replace(lora_request, lora_path=str(bound)))
     from vllm.exceptions import LoRAAdapterNotFoundError
 
     try:
         path = adapter_folder(pipeline.config, lora_request.lora_path)
     except AdapterValidationError as e:  # outside the adapter roots: always refused, even fail-open
-        raise refuse(str(e)) from e
+        raise refuse(str(e), "invalid") from e
     except Exception as e:
-        raise refuse(f"cannot resolve adapter path {_short_path(lora_request.lora_path)}: {e}") from e
+        raise refuse(
+            f"cannot resolve adapter path {_short_path(lora_request.lora_path)}: {e}", "invalid"
+        ) from e
     if not os.path.isdir(path):
         # Same answer (404) vLLM gives; raised here so vLLM never opens the path itself.
         raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
     try:
         outcome = pipeline.process(path, name)
     except Exception as e:
-        if pipeline.config.fail_closed:
-            raise refuse(str(e)) from e
+        kind = refusal_kind(e)
+        # fail_closed=false serves an adapter whose *processing* failed; a decision (invalid,
+        # uncovered, unrepairable) is never overridden by it.
+        if pipeline.config.fail_closed or kind != "error":
+            raise refuse(str(e), kind) from e
         logger.error(
             "vllm-safeguard: adapter %r NOT repaired (fail_closed=false), serving it as is: %s", name, e
         )
@@ -563,19 +724,27 @@ def load_adapter_hook(manager: Any, lora_request: Any, original: Callable[[Any, 
         # The contained folder, not the request's string (which vLLM would resolve on its own terms).
         return original(manager, msgspec.structs.replace(lora_request, lora_path=path))
     try:
-        lora = original(manager, msgspec.structs.replace(lora_request, lora_path=str(outcome.path)))
-    except LoRAAdapterNotFoundError as e:
-        raise refuse(f"the repaired adapter folder vanished: {e}") from e
-    except Exception as e:
-        raise refuse(f"vLLM could not load the repaired adapter: {e}") from e
-    finally:
+        try:
+            lora = original(manager, msgspec.structs.replace(lora_request, lora_path=str(outcome.path)))
+        except LoRAAdapterNotFoundError as e:
+            raise refuse(f"the repaired adapter folder vanished: {e}") from e
+        except Exception as e:
+            raise refuse(f"vLLM could not load the admitted adapter: {e}") from e
+        loaded = len(getattr(lora, "loras", {}))
+        if loaded != outcome.modules:
+            # vLLM skips modules it does not expect; an adapter repaired on paper but not in the engine
+            # must not be served.
+            raise refuse(f"vLLM loaded {loaded} of the {outcome.modules} repaired modules")
+    except AdapterRefused:
         if outcome.cleanup is not None:
             outcome.cleanup()
-    loaded = len(getattr(lora, "loras", {}))
-    if loaded != outcome.modules:
-        # vLLM skips modules it does not expect; an adapter repaired on paper but not in the engine
-        # must not be served.
-        raise refuse(f"vLLM loaded {loaded} of the {outcome.modules} repaired modules")
+        raise
+    # Private folders (cache disabled) are kept for eviction reloads of this binding.
+    state.bindings[bind_key] = Binding(outcome.key, outcome.path, private=outcome.cleanup is not None)
+    try:  # for the API server's per-request check (vllm_safeguard.bindings); best effort
+        publish_binding(pipeline.config.cache_dir, model_name, name, bind_key[1], outcome.path)
+    except OSError as e:
+        logger.warning("vllm-safeguard: cannot publish the binding of adapter %r: %s", name, e)
     with _suppress_metric_errors():
         if pipeline.config.cache_enabled:
             m.cache_lookups.labels(model_name=model_name).inc()
@@ -583,6 +752,8 @@ def load_adapter_hook(manager: Any, lora_request: Any, original: Callable[[Any, 
             m.cache_hits.labels(model_name=model_name).inc()
         m.loads.labels(model_name=model_name, outcome=outcome.decision, method=method).inc()
         m.risk_score.labels(model_name=model_name).observe(outcome.risk_score)
+        if outcome.stripped:
+            m.modules_stripped.labels(model_name=model_name).inc(len(outcome.stripped))
         m.repair_duration.labels(
             model_name=model_name, method=method, cache="hit" if outcome.cache_hit else "miss"
         ).observe(outcome.duration_s)

@@ -27,6 +27,7 @@ import inspect
 import logging
 import re
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
@@ -323,14 +324,35 @@ def _wrap_worker_init(original: Callable[..., Any]) -> Callable[..., Any]:
     return __init__
 
 
+# Set while vLLM runs WorkerLoRAManager.set_active_adapters (inside execute_model): a load raised
+# there kills the EngineCore, so the load hook must not raise while it is set.
+_IN_STEP = threading.local()
+
+
+def in_engine_step() -> bool:
+    return bool(getattr(_IN_STEP, "depth", 0))
+
+
 def _wrap_load_adapter(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def _load_adapter(self: Any, lora_request: Any) -> Any:
         from .pipeline import load_adapter_hook
 
-        return load_adapter_hook(self, lora_request, original)
+        return load_adapter_hook(self, lora_request, original, in_step=in_engine_step())
 
     return _load_adapter
+
+
+def _wrap_set_active_adapters(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def set_active_adapters(self: Any, requests: Any, mapping: Any) -> Any:
+        _IN_STEP.depth = getattr(_IN_STEP, "depth", 0) + 1
+        try:
+            return original(self, requests, mapping)
+        finally:
+            _IN_STEP.depth -= 1
+
+    return set_active_adapters
 
 
 def refusal_text(message: str) -> str | None:
@@ -412,6 +434,19 @@ register_patch(
         is_async=False,
         inherited_by=("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager",),
         description="build the worker's safeguard pipeline (config, reference) next to the LoRA manager",
+    )
+)
+register_patch(
+    Patch(
+        name="worker_lora_set_active_adapters",
+        module="vllm.lora.worker_manager",
+        owner="WorkerLoRAManager",
+        attr="set_active_adapters",
+        make=_wrap_set_active_adapters,
+        parameters=("self", "requests", "mapping"),
+        is_async=False,
+        inherited_by=("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager",),
+        description="mark loads inside the engine step (they must never raise: that kills the EngineCore)",
     )
 )
 register_patch(
@@ -503,6 +538,49 @@ def _wrap_input_processor_init(original: Callable[..., Any]) -> Callable[..., An
     return __init__
 
 
+def _request_adapter_problem(processor: Any, lora_request: Any) -> str | None:
+    """API-server side of reload integrity (vllm_safeguard.bindings); anything unexpected defers to
+    the worker."""
+    try:
+        from .bindings import binding_problem
+        from .config import load_config
+
+        cached = getattr(processor, "_safeguard_binding_ctx", None)
+        if cached is None:  # once per processor: the config does not change while it lives
+            vllm_config = getattr(processor, "vllm_config", None)
+            config = load_config(getattr(vllm_config, "additional_config", None) or {})
+            model_cfg = vllm_config.model_config  # type: ignore[union-attr]
+            served = model_cfg.served_model_name
+            model_name = str(served[0] if isinstance(served, list) else served or model_cfg.model)
+            cached = (config, model_name)
+            processor._safeguard_binding_ctx = cached
+        config, model_name = cached
+        if not config.enabled:
+            return None
+        return binding_problem(
+            config.cache_dir, model_name, str(lora_request.lora_name), int(lora_request.lora_int_id)
+        )
+    except Exception as e:
+        logger.debug("vllm-safeguard: API-side binding check skipped (%s); the worker decides", e)
+        return None
+
+
+def _wrap_validate_lora(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _validate_lora(self: Any, lora_request: Any) -> None:
+        original(self, lora_request)
+        if lora_request is None:
+            return
+        problem = _request_adapter_problem(self, lora_request)
+        if problem is not None:
+            from vllm.exceptions import VLLMValidationError
+
+            logger.error("vllm-safeguard: request refused: %s", problem)
+            raise VLLMValidationError(f"vllm-safeguard: {problem}")
+
+    return _validate_lora
+
+
 # Runners that must inherit the two mixin methods unchanged. Not in ``inherited_by``: the patches are
 # applied while these modules are still importing the mixin (a circular, partial import), so the
 # contract test checks them instead (tests/plugin/test_patch_contract.py).
@@ -557,5 +635,17 @@ register_patch(
         parameters=("self", "vllm_config"),
         is_async=False,
         description="let the safeguard_alpha validator see --additional-config in the front-end process",
+    )
+)
+register_patch(
+    Patch(
+        name="input_processor_validate_lora",
+        module="vllm.v1.engine.input_processor",
+        owner="InputProcessor",
+        attr="_validate_lora",
+        make=_wrap_validate_lora,
+        parameters=("self", "lora_request"),
+        is_async=False,
+        description="refuse (400) a request whose adapter's admitted copy is gone, before the engine step",
     )
 )

@@ -142,5 +142,8 @@ def test_good_adapter_still_loads_serves_and_is_repaired(storm: Record) -> None:
         )
     # corpus attacks reach the worker and are counted there (hostile paths stop at the API server)
     assert (
-        metric(storm.metrics_after, "safeguard_adapter_loads_total", model_name=MODEL, outcome="refused") > 0
+        metric(
+            storm.metrics_after, "safeguard_adapter_loads_total", model_name=MODEL, outcome="refused_invalid"
+        )
+        > 0
     )

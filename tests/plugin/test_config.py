@@ -52,7 +52,7 @@ def test_env_parsing_and_json_options() -> None:
     ("source", "needle"),
     [
         ({"env": {"SAFEGUARD_RISK_THRESHOLD": "lots"}}, "'lots'"),
-        ({"env": {"SAFEGUARD_RISK_THRESHOLD": "1.5"}}, "1.5"),
+        ({"env": {"SAFEGUARD_RISK_THRESHOLD": "-0.5"}}, "-0.5"),
         ({"add": {"safeguard": {"method": "magic"}}}, "'magic'"),
         ({"add": {"safeguard": {"bogus_field": 1}}}, "bogus_field"),
         ({"env": {"SAFEGUARD_METHOD_OPTIONS": "{not json"}}, "{not json"),

@@ -34,16 +34,18 @@ from vllm_safeguard.workspace import Workspace
 
 # ----------------------------------------------------------------------------------------- helpers
 
+# NLSR transplanting half of each module's neurons repairs the tiny workspace's unsafe adapter below
+# max_served_risk (its default 10% leaves risk 0.68: refused as unrepairable).
+NLSR = {"method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.0}
+
 
 def make(ws: Workspace, cache_dir: Path, **over: object) -> SafeguardPipeline:
-    cfg = load_config(
-        {"safeguard": {"cache_dir": str(cache_dir), "method": "nlsr", "risk_threshold": 0.0, **over}}, env={}
-    )
+    cfg = load_config({"safeguard": {"cache_dir": str(cache_dir), **NLSR, **over}}, env={})
     return SafeguardPipeline.create(cfg, PipelineContext("tiny", ws.base, max_lora_rank=8))
 
 
 def vllm_config(ws: Workspace, cache_dir: Path, **safeguard: Any) -> SimpleNamespace:
-    sg = {"cache_dir": str(cache_dir), "method": "nlsr", "risk_threshold": 0.0, **safeguard}
+    sg = {"cache_dir": str(cache_dir), **NLSR, **safeguard}
     return SimpleNamespace(
         model_config=SimpleNamespace(model=str(ws.base), served_model_name="tiny"),
         lora_config=SimpleNamespace(max_lora_rank=8),

@@ -36,6 +36,9 @@ def test_exposed_names_and_bounded_labels() -> None:
     mm.guard_score.labels(model_name="t").observe(0.7)
     mm.guard_flagged.labels(model_name="t").inc()
     mm.translator_routing.labels(model_name="t", expert="surgical").inc()
+    mm.modules_stripped.labels(model_name="t").inc()
+    mm.reloads.labels(model_name="t").inc()
+    mm.step_failures.labels(model_name="t").inc()
     text = generate_latest(REGISTRY).decode()
     exposed = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("safeguard_")

@@ -125,7 +125,7 @@ def test_refusal_text_survives_wrapping() -> None:
     wrapped = (
         f"Call to add_lora method failed: Worker failed with error '{msg}', please check the stack trace"
     )
-    assert vp.refusal_text(wrapped) == "adapter 'x' refused: bad header"
+    assert vp.refusal_text(wrapped) == "adapter 'x' refused (error): bad header"
     assert vp.refusal_text("some other failure") is None
 
 
@@ -151,7 +151,7 @@ def test_serving_patch_turns_our_500_into_400() -> None:
     wrapper = vp._wrap_serving_load(_fake_original)
     res = asyncio.run(wrapper(None, "ours"))
     assert res.error.code == 400 and res.error.type == "BadRequestError"
-    assert res.error.message == "vllm-safeguard: adapter 'x' refused: nope"
+    assert res.error.message == "vllm-safeguard: adapter 'x' refused (error): nope"
     assert asyncio.run(wrapper(None, "other")) == "Success"
 
 

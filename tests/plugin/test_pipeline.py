@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -10,8 +11,14 @@ import pytest
 import torch
 
 from vllm_safeguard.adapter_io import load_adapter, save_adapter
+from vllm_safeguard.canonical import canonicalize
 from vllm_safeguard.config import load_config
-from vllm_safeguard.errors import AdapterValidationError, ReferenceArtifactError, RepairError
+from vllm_safeguard.errors import (
+    AdapterValidationError,
+    CoverageError,
+    ReferenceArtifactError,
+    UnrepairableError,
+)
 from vllm_safeguard.methods import repair
 from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline, artifact_candidates
 from vllm_safeguard.reference import AlignmentReference
@@ -19,11 +26,19 @@ from vllm_safeguard.risk import score_adapter
 from vllm_safeguard.testing import random_adapter
 from vllm_safeguard.workspace import VLLM_TINY_SPEC, Workspace
 
+# NLSR with half of each module's output neurons transplanted: on the tiny workspace it brings the
+# unsafe adapter from risk 1.0 to ~0.03, below the threshold (its default 10% leaves 0.68: refused).
+NLSR_OPTIONS = {"neuron_fraction": 0.5}
+
 
 def make(ws: Workspace, cache_dir: Path, **over: object) -> SafeguardPipeline:
-    cfg = load_config(
-        {"safeguard": {"cache_dir": str(cache_dir), "method": "nlsr", "risk_threshold": 0.1, **over}}, env={}
-    )
+    sg = {
+        "cache_dir": str(cache_dir),
+        "method": "nlsr",
+        "method_options": NLSR_OPTIONS,
+        "risk_threshold": 0.1,
+    }
+    cfg = load_config({"safeguard": sg | over}, env={})
     return SafeguardPipeline.create(cfg, PipelineContext("tiny", ws.base, max_lora_rank=8))
 
 
@@ -32,22 +47,32 @@ def test_unsafe_adapter_is_repaired_like_the_library_does(workspace: Workspace, 
     out = p.process(workspace.adapters["unsafe"], "unsafe")
     assert out.decision == "repaired" and not out.cache_hit
     assert out.risk_score > 0.9
+    assert out.risk_after is not None and out.risk_after < 0.1
     assert out.report is not None and out.report["modules_touched"] > 0 and out.report["layers_repaired"] == 2
     served = load_adapter(out.path)
     ref = AlignmentReference.load(workspace.reference)
-    offline = repair(load_adapter(workspace.adapters["unsafe"]), ref, "nlsr", {}, max_rank=8).adapter
+    canonical = canonicalize(load_adapter(workspace.adapters["unsafe"]))
+    offline = repair(canonical, ref, "nlsr", NLSR_OPTIONS, max_rank=8).adapter
     assert served.modules.keys() == offline.modules.keys()
     for name, m in offline.modules.items():
         torch.testing.assert_close(served.modules[name].delta(), m.delta(), rtol=1e-5, atol=1e-6)
     assert score_adapter(served, ref).score < out.risk_score
 
 
-def test_benign_adapter_passes_byte_identical(workspace: Workspace, cache_dir: Path) -> None:
+def test_benign_adapter_passes_canonicalized_never_copied(workspace: Workspace, cache_dir: Path) -> None:
     p = make(workspace, cache_dir)
     out = p.process(workspace.adapters["benign0"], "b")
     assert out.decision == "passed" and out.report is None and out.risk_score < 0.1
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (out.path / name).read_bytes() == (workspace.adapters["benign0"] / name).read_bytes()
+    # Not the caller's bytes: the canonical folder (scaling folded, plain config, fp32).
+    assert (out.path / "adapter_config.json").read_bytes() != (
+        workspace.adapters["benign0"] / "adapter_config.json"
+    ).read_bytes()
+    cfg = json.loads((out.path / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] and not cfg["rank_pattern"] and not cfg["alpha_pattern"]
+    original, served = load_adapter(workspace.adapters["benign0"]), load_adapter(out.path)
+    assert served.dtype == torch.float32 and served.modules.keys() == original.modules.keys()
+    for name, m in original.modules.items():
+        torch.testing.assert_close(served.modules[name].delta(), m.delta(), rtol=1e-6, atol=1e-7)
 
 
 def test_threshold_zero_repairs_everything(workspace: Workspace, cache_dir: Path) -> None:
@@ -86,7 +111,8 @@ def test_same_bytes_elsewhere_hit_changed_bytes_miss(
 
 def test_method_config_change_is_a_miss(workspace: Workspace, cache_dir: Path) -> None:
     a = make(workspace, cache_dir).process(workspace.adapters["unsafe"], "u")
-    b = make(workspace, cache_dir, method_options={"beta": 1.0}).process(workspace.adapters["unsafe"], "u")
+    b = make(workspace, cache_dir, method_options=NLSR_OPTIONS | {"beta": 1.0})
+    b = b.process(workspace.adapters["unsafe"], "u")
     assert not b.cache_hit and a.key != b.key
 
 
@@ -118,11 +144,14 @@ def test_adapter_matching_nothing_is_an_error(workspace: Workspace, cache_dir: P
     ad = random_adapter(VLLM_TINY_SPEC, rank=4, seed=3, targets=("gate_proj", "up_proj", "down_proj"))
     save_adapter(ad, tmp_path / "mlp-only")
     p = make(workspace, cache_dir, reference_path=str(tmp_path / "attn-ref"))
-    with pytest.raises(RepairError, match="covered by the alignment reference"):
+    with pytest.raises(CoverageError, match="not covered by the alignment reference"):
         p.process(tmp_path / "mlp-only", "n")
-    # Even when the policy would pass it unchanged.
+    # Even when the policy would pass it unchanged, and when uncovered modules are stripped.
     p = make(workspace, cache_dir, reference_path=str(tmp_path / "attn-ref"), risk_threshold=1.0)
-    with pytest.raises(RepairError, match="covered by the alignment reference"):
+    with pytest.raises(CoverageError, match="not covered by the alignment reference"):
+        p.process(tmp_path / "mlp-only", "n")
+    p = make(workspace, cache_dir, reference_path=str(tmp_path / "attn-ref"), coverage="strip")
+    with pytest.raises(CoverageError, match="every module"):
         p.process(tmp_path / "mlp-only", "n")
 
 
@@ -176,9 +205,21 @@ def test_translator_method_in_the_pipeline(workspace: Workspace, cache_dir: Path
             config=TranslatorConfig(k=4, hidden=8, router_hidden=4), reference_hash=ref.manifest.content_hash
         ),
     )
-    p = make(workspace, cache_dir, method="translator", translator_path=art, risk_threshold=0.0)
-    out = p.process(workspace.adapters["unsafe"], "unsafe")
-    assert out.decision == "repaired" and out.report is not None
+    tr = {"method": "translator", "method_options": {}, "translator_path": art, "risk_threshold": 0.0}
+    # This untrained translator shrinks nothing: with the limit off, the method runs, reports, and the
+    # adapter is "passed" (unchanged); with the default max_served_risk it is refused, not passed.
+    out = make(workspace, cache_dir, **tr, max_served_risk=None).process(
+        workspace.adapters["unsafe"], "unsafe"
+    )
+    assert out.decision == "passed" and out.report is not None
     assert out.report["summary"]["dominant_expert"] in ("surgical", "aggressive")
+    with pytest.raises(UnrepairableError, match="left the update unchanged"):
+        make(workspace, cache_dir, **tr).process(workspace.adapters["unsafe"], "unsafe")
     with pytest.raises(ReferenceArtifactError, match="translator artifact"):
-        make(workspace, cache_dir, method="translator", translator_path=cache_dir / "missing")
+        make(
+            workspace,
+            cache_dir,
+            method="translator",
+            method_options={},
+            translator_path=cache_dir / "missing",
+        )

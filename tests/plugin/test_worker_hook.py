@@ -20,7 +20,8 @@ from vllm_safeguard.workspace import Workspace
 
 
 def vllm_config(ws: Workspace, cache_dir: Path, **safeguard: Any) -> SimpleNamespace:
-    sg = {"cache_dir": str(cache_dir), "method": "nlsr", "risk_threshold": 0.1, **safeguard}
+    nlsr = {"method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
+    sg = {"cache_dir": str(cache_dir), **nlsr, **safeguard}
     return SimpleNamespace(
         model_config=SimpleNamespace(model=str(ws.base), served_model_name="tiny"),
         lora_config=SimpleNamespace(max_lora_rank=8),
@@ -105,9 +106,66 @@ def test_disabled_delegates_unchanged(workspace: Workspace, cache_dir: Path) -> 
     assert loader.paths == [req.lora_path]
 
 
-def test_fail_open_serves_original_with_error(workspace: Workspace, cache_dir: Path) -> None:
+def test_fail_open_serves_original_only_when_processing_failed(workspace: Workspace, cache_dir: Path) -> None:
     mgr = SimpleNamespace()
-    attach_worker(mgr, vllm_config(workspace, cache_dir, fail_closed=False))
+    state = attach_worker(mgr, vllm_config(workspace, cache_dir, fail_closed=False))
     loader = Loader(modules=1)
-    load_adapter_hook(mgr, LoRARequest("h", 7, str(workspace.adapters["hostile"])), loader)
-    assert loader.paths == [str(workspace.adapters["hostile"])]
+    # A decision (here: invalid) is never overridden by fail_closed=false.
+    with pytest.raises(AdapterRefused, match="refused \\(invalid\\)"):
+        load_adapter_hook(mgr, LoRARequest("h", 7, str(workspace.adapters["hostile"])), loader)
+    assert loader.paths == []
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("repair backend crashed")
+
+    assert state.pipeline is not None
+    state.pipeline.process = broken  # type: ignore[method-assign]
+    load_adapter_hook(mgr, LoRARequest("b", 8, str(workspace.adapters["benign0"])), loader)
+    assert loader.paths == [str(workspace.adapters["benign0"])]
+
+
+def test_eviction_reload_uses_the_admitted_copy_never_the_source(
+    workspace: Workspace, cache_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    src = shutil.copytree(workspace.adapters["unsafe"], tmp_path / "src")
+    mgr = SimpleNamespace()
+    attach_worker(mgr, vllm_config(workspace, cache_dir))
+    loader = Loader()
+    req = LoRARequest("u", 9, str(src))
+    load_adapter_hook(mgr, req, loader)
+    admitted = loader.paths[0]
+    # The source is replaced by hostile bytes, then deleted: the same request reloads the admitted copy.
+    shutil.rmtree(src)
+    shutil.copytree(workspace.adapters["hostile"], src)
+    load_adapter_hook(mgr, req, loader, in_step=True)
+    shutil.rmtree(src)
+    load_adapter_hook(mgr, req, loader)
+    assert loader.paths == [admitted] * 3
+    # A new load (vLLM gives it a new int id) reads the (now missing) source afresh: vLLM's 404.
+    with pytest.raises(LoRAAdapterNotFoundError):
+        load_adapter_hook(mgr, LoRARequest("u", 10, str(src)), loader)
+
+
+def test_lost_admitted_copy_never_raises_inside_the_engine_step(
+    workspace: Workspace, cache_dir: Path
+) -> None:
+    import shutil
+
+    mgr = SimpleNamespace()
+    attach_worker(mgr, vllm_config(workspace, cache_dir))
+    loader = Loader()
+    req = LoRARequest("u", 11, str(workspace.adapters["unsafe"]))
+    load_adapter_hook(mgr, req, loader)
+    shutil.rmtree(loader.paths[0])  # the cache entry is gone
+    with pytest.raises(AdapterRefused, match="admitted canonical copy is gone"):
+        load_adapter_hook(mgr, req, loader)  # outside a step (runtime load): a clear refusal
+    empty = load_adapter_hook(mgr, req, loader, in_step=True)  # inside a step: no raise, no bytes
+    assert empty.loras == {} and empty.id == 11
+    # A refusal of a never-admitted adapter inside a step does not raise either.
+    hostile = load_adapter_hook(
+        mgr, LoRARequest("h", 12, str(workspace.adapters["hostile"])), loader, in_step=True
+    )
+    assert hostile.loras == {}
+    assert len(loader.paths) == 1
