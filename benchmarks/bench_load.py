@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_safeguard.adapter_io import save_adapter
+from vllm_safeguard.metrics import OUTCOMES
 from vllm_safeguard.serve import ServerProcess, group_members, http_get, start_server
 from vllm_safeguard.workspace import Workspace, prepare_tiny_workspace, unsafe_adapter
 
@@ -322,10 +323,7 @@ def run_bench(ops: int, concurrency: int, port: int, seed: int, workdir: Path) -
     def loads(text: str, outcome: str) -> float:
         return metric(text, "safeguard_adapter_loads_total", model_name=MODEL, outcome=outcome)
 
-    delta = {
-        o: loads(metrics_after, o) - loads(metrics_before, o)
-        for o in ("repaired", "passed", "unrepaired", "refused")
-    }
+    delta = {o: loads(metrics_after, o) - loads(metrics_before, o) for o in OUTCOMES}
     good = [r for r in results if r.kind == "good"]
     hostile = [r for r in results if r.kind == "hostile"]
     good_ok = [r for r in good if r.load_status == 200]
@@ -403,7 +401,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         "",
         f"Server-side load outcomes during the storm (`safeguard_adapter_loads_total` delta): "
         f"{report['server_load_outcomes_delta']}. Hostile *paths* are refused by the API server before "
-        "the engine sees them, so they do not appear in the worker's `refused` count.",
+        "the engine sees them, so they do not appear in the worker's `refused_*` counts.",
         "",
         "Good adapters are well-formed partial undos of the alignment update (distinct strengths, so "
         "every load is a cold repair); 'served without repair' counts good loads the worker recorded as "

@@ -3,7 +3,7 @@
 The worker binds each admitted adapter ``(lora_name, lora_int_id)`` to its canonical folder and
 publishes that here; the API server checks it for every request that names an adapter, so a request
 whose adapter's admitted copy has disappeared fails *alone*, with a 400, before the engine sees it
-(inside the engine step there is no per-request error path: see ``pipeline.load_adapter_hook``).
+(inside the engine step there is no per-request error path: see ``worker_hook.load_adapter_hook``).
 
 Layout: ``<cache_dir>/bindings/<sha256(model)[:16]>/<sha256(lora name)[:32]>.json`` =
 ``{"lora_name", "lora_int_id", "path"}``, written atomically. Names are hashed, never used as paths.

@@ -1,14 +1,10 @@
-"""Adapter load pipeline: validate -> score risk -> policy -> repair -> cache -> folder for vLLM.
+"""Adapter load pipeline: stage (copy + hash) -> validate -> admit -> canonical folder -> cache.
 
-:class:`SafeguardPipeline` is plain Python (tests and benchmarks use it directly). The two functions at
-the bottom are what the vLLM patches call in the worker:
-
-* :func:`attach_worker` (after ``WorkerLoRAManager.__init__``): resolve the config (vLLM's
-  ``--additional-config`` is only known here), load the reference once per process, build the pipeline.
-* :func:`load_adapter_hook` (instead of ``WorkerLoRAManager._load_adapter``): run the pipeline, then
-  let vLLM's own loader read the *cached, repaired copy* (a copy of the ``LoRARequest`` whose
-  ``lora_path`` points into the private cache). vLLM never reads the untrusted folder itself, so a
-  folder changed after inspection cannot slip through.
+:class:`SafeguardPipeline` is plain Python with no vLLM import (tests, benchmarks and
+``vllm-safeguard admit`` use it directly); the decision rules live in :mod:`vllm_safeguard.admission`,
+the form vLLM reads in :mod:`vllm_safeguard.canonical`, and the worker side that the vLLM patches call
+in :mod:`vllm_safeguard.worker_hook`. The bytes are hashed while they are copied into a private staging
+folder, so what is validated is exactly what the content address names.
 
 Refusals raise :class:`AdapterRefused`, whose text is delimited so that the API-server patch can turn
 vLLM's 500 into a 400 carrying it.
@@ -28,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from . import __version__
 from .adapter_io import (
     CONFIG_NAME,
@@ -41,10 +35,9 @@ from .adapter_io import (
     module_shapes_from_model_dir,
 )
 from .admission import Admission, AdmissionRules, admit
-from .bindings import publish_binding
 from .cache import RepairCache, make_key
 from .canonical import write_canonical
-from .config import SafeguardConfig, load_config, log_effective
+from .config import SafeguardConfig
 from .errors import (
     AdapterValidationError,
     ConfigError,
@@ -56,7 +49,6 @@ from .errors import (
 )
 from .limits import run_with_deadline
 from .locks import NameLocks
-from .paths import resolve_adapter_path, warn_if_unrestricted
 from .vllm_patches import REFUSAL_END, REFUSAL_START
 
 if TYPE_CHECKING:
@@ -473,297 +465,3 @@ def summarize(name: str, outcome: LoadOutcome, config: SafeguardConfig) -> str:
         f"vllm-safeguard: adapter {name!r}: risk {outcome.risk_score:.3f} -> {outcome.decision} ({what}); "
         f"{src} in {outcome.duration_s * 1000:.1f} ms"
     )
-
-
-# ====================================================================================== vLLM side
-
-STATE_ATTR = "_safeguard_state"
-
-
-@dataclass(frozen=True)
-class Binding:
-    """One admitted adapter: its cache key (verified on every reload) or a private folder (no cache)."""
-
-    key: str
-    path: Path
-    private: bool = False
-
-
-@dataclass
-class WorkerState:
-    """Attached to each ``WorkerLoRAManager`` by the ``__init__`` patch."""
-
-    model_name: str
-    config: SafeguardConfig | None = None
-    pipeline: SafeguardPipeline | None = None
-    error: str | None = None  # why every load is refused (config or artifacts broken)
-    # (lora_name, lora_int_id) -> the canonical folder its first admission produced. vLLM gives every
-    # /v1/load_lora_adapter call a new int id, so an unload + load admits afresh, while an eviction
-    # reload (same request object) is served from this binding and never re-reads the source folder.
-    bindings: dict[tuple[str, int], Binding] = field(default_factory=dict)
-
-    @property
-    def enabled(self) -> bool:
-        return self.config is None or self.config.enabled  # no config (it failed) -> fail closed
-
-
-def _model_dir(model: str) -> Path | None:
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return p.resolve()
-    try:  # a hub id: the snapshot vLLM already downloaded
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception:
-        return None
-
-
-def attach_worker(manager: Any, vllm_config: Any) -> WorkerState:
-    """Build the worker's pipeline. Never raises: a broken setup refuses adapters instead."""
-    from .metrics import get_metrics
-
-    model_cfg = vllm_config.model_config
-    served = model_cfg.served_model_name
-    model_name = str(served[0] if isinstance(served, list) else served or model_cfg.model)
-    state = WorkerState(model_name=model_name)
-    setattr(manager, STATE_ATTR, state)
-    method = "unknown"
-    try:
-        config = load_config(getattr(vllm_config, "additional_config", None) or {})
-        state.config = config
-        method = config.method
-        log_effective(config, context=f"model {model_name}")
-        warn_if_unrestricted(config.adapter_roots)
-        if config.enabled and config.alpha_enabled:
-            # The punica-wrapper patch (create_lora_manager runs right after this) reads this flag.
-            from .punica_safety import request_safety_wrapper
-
-            request_safety_wrapper()
-        if config.enabled:
-            lora_cfg = vllm_config.lora_config
-            lora_dtype = getattr(lora_cfg, "lora_dtype", None)
-            ctx = PipelineContext(
-                model_name=model_name,
-                model_dir=_model_dir(str(model_cfg.model)),
-                max_lora_rank=getattr(lora_cfg, "max_lora_rank", None),
-                served_dtype=lora_dtype
-                if isinstance(lora_dtype, torch.dtype)
-                else getattr(model_cfg, "dtype", None),
-            )
-            state.pipeline = SafeguardPipeline.create(config, ctx)
-            logger.info("vllm-safeguard: active for model %s (method %s)", model_name, config.method)
-    except Exception as e:
-        state.error = f"{type(e).__name__}: {e}"
-        logger.error(
-            "vllm-safeguard: cannot protect model %s; every adapter will be refused: %s", model_name, e
-        )
-    with _suppress_metric_errors():
-        get_metrics().worker_active.labels(model_name=model_name, method=method).set(
-            1 if state.pipeline is not None else 0
-        )
-    return state
-
-
-class _suppress_metric_errors:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        if exc is not None:
-            logger.warning("vllm-safeguard: metrics error ignored: %s", exc)
-        return True
-
-
-def _short_path(path: object, limit: int = 200) -> str:
-    text = repr(path)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def adapter_folder(config: SafeguardConfig, lora_path: str) -> str:
-    """The folder to inspect for a request's ``lora_path`` (vllm_safeguard.paths).
-
-    With ``adapter_roots`` configured: contained in a root, or :class:`AdapterValidationError`. Without:
-    resolved the way vLLM resolves it (absolute, ``~``, working directory, hub id).
-    """
-    contained = resolve_adapter_path(lora_path, config.adapter_roots)
-    if contained is not None:
-        return contained
-    from vllm.lora.utils import get_adapter_absolute_path
-
-    return str(get_adapter_absolute_path(lora_path))
-
-
-def _expected_modules(manager: Any) -> set[str] | None:
-    """The module kinds vLLM's loader accepts for this model (what ``_load_adapter`` computes)."""
-    am = getattr(manager, "_adapter_manager", None)
-    if am is None:
-        return None
-    packed = getattr(am, "packed_modules_mapping", {}) or {}
-    out: set[str] = set()
-    for module in getattr(am, "supported_lora_modules", ()):
-        out.update(packed.get(module, [module]))
-        if module == "experts":
-            out.add(module)
-    return out or None
-
-
-def _resolve_bound(pipeline: SafeguardPipeline, binding: Binding) -> Path | None:
-    """The bound canonical folder if it is still intact (cache entries are re-verified), else None."""
-    if binding.private:
-        return binding.path if (binding.path / WEIGHTS_NAME).is_file() else None
-    assert pipeline.cache is not None
-    entry = pipeline.cache.get(binding.key)
-    return None if entry is None else entry.path
-
-
-def _empty_lora(lora_request: Any) -> Any:
-    """An adapter with no module: what a request gets when its admitted copy cannot be had inside an
-    engine step (the engine must not die for one adapter); the base (aligned) model serves it."""
-    from vllm.lora.lora_model import LoRAModel
-
-    return LoRAModel(lora_request.lora_int_id, 1, {})
-
-
-def load_adapter_hook(
-    manager: Any, lora_request: Any, original: Callable[[Any, Any], Any], *, in_step: bool = False
-) -> Any:
-    """The body of the patched ``WorkerLoRAManager._load_adapter``.
-
-    ``in_step``: vLLM called it inside ``execute_model`` (an adapter of a scheduled request was not in
-    its CPU cache). A refusal raised there kills the EngineCore, so in a step nothing raises: a bound
-    adapter is served from its admitted canonical copy; when that copy is gone, or the adapter was
-    never admitted and is refused now, the requests get the base model (an empty adapter), the error is
-    logged and counted (``safeguard_step_failures_total``).
-    """
-    try:
-        return _load_adapter_checked(manager, lora_request, original)
-    except Exception as e:
-        if not in_step:
-            raise
-        from .metrics import get_metrics
-
-        state: WorkerState | None = getattr(manager, STATE_ATTR, None)
-        model_name = state.model_name if state is not None else "unknown"
-        logger.error(
-            "vllm-safeguard: adapter %r could not be loaded inside an engine step; its requests are served "
-            "by the base model without it (the engine keeps running): %s",
-            str(lora_request.lora_name),
-            e,
-        )
-        with _suppress_metric_errors():
-            get_metrics().step_failures.labels(model_name=model_name).inc()
-        return _empty_lora(lora_request)
-
-
-def _load_adapter_checked(manager: Any, lora_request: Any, original: Callable[[Any, Any], Any]) -> Any:
-    import msgspec
-
-    from .metrics import get_metrics
-
-    state: WorkerState | None = getattr(manager, STATE_ATTR, None)
-    name = str(lora_request.lora_name)
-    if state is not None and state.config is not None and not state.config.enabled:
-        return original(manager, lora_request)
-    model_name = state.model_name if state is not None else "unknown"
-    method = state.config.method if state is not None and state.config is not None else "unknown"
-    m = get_metrics()
-
-    def refuse(reason: str, kind: str = "error") -> AdapterRefused:
-        with _suppress_metric_errors():
-            m.loads.labels(model_name=model_name, outcome=f"refused_{kind}", method=method).inc()
-        logger.error("vllm-safeguard: adapter %r refused (%s): %s", name, kind, reason)
-        return AdapterRefused(name, reason, kind)
-
-    if state is None or state.pipeline is None:
-        raise refuse(
-            state.error if state is not None and state.error else "safeguard pipeline is not initialised"
-        )
-    pipeline = state.pipeline
-    if pipeline.ctx.expected_modules is None:
-        pipeline.ctx.expected_modules = _expected_modules(manager)
-    bind_key = (name, int(getattr(lora_request, "lora_int_id", 0) or 0))
-    binding = state.bindings.get(bind_key)
-    if binding is not None:
-        # An eviction reload: the admitted bytes, never the source folder again.
-        bound = _resolve_bound(pipeline, binding)
-        if bound is None:
-            raise refuse(
-                "its admitted canonical copy is gone or corrupt (cache entry "
-                f"{binding.key[:12]}); unload and load the adapter again"
-            )
-        with _suppress_metric_errors():
-            m.reloads.labels(model_name=model_name).inc()
-        return original(manager, msgspec.structs.replace(lora_request, lora_path=str(bound)))
-    from vllm.exceptions import LoRAAdapterNotFoundError
-
-    try:
-        path = adapter_folder(pipeline.config, lora_request.lora_path)
-    except AdapterValidationError as e:  # outside the adapter roots: always refused, even fail-open
-        raise refuse(str(e), "invalid") from e
-    except Exception as e:
-        raise refuse(
-            f"cannot resolve adapter path {_short_path(lora_request.lora_path)}: {e}", "invalid"
-        ) from e
-    if not os.path.isdir(path):
-        # Same answer (404) vLLM gives; raised here so vLLM never opens the path itself.
-        raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
-    try:
-        outcome = pipeline.process(path, name)
-    except Exception as e:
-        kind = refusal_kind(e)
-        # fail_closed=false serves an adapter whose *processing* failed; a decision (invalid,
-        # uncovered, unrepairable) is never overridden by it.
-        if pipeline.config.fail_closed or kind != "error":
-            raise refuse(str(e), kind) from e
-        logger.error(
-            "vllm-safeguard: adapter %r NOT repaired (fail_closed=false), serving it as is: %s", name, e
-        )
-        with _suppress_metric_errors():
-            m.loads.labels(model_name=model_name, outcome="unrepaired", method=method).inc()
-        # The contained folder, not the request's string (which vLLM would resolve on its own terms).
-        return original(manager, msgspec.structs.replace(lora_request, lora_path=path))
-    try:
-        try:
-            lora = original(manager, msgspec.structs.replace(lora_request, lora_path=str(outcome.path)))
-        except LoRAAdapterNotFoundError as e:
-            raise refuse(f"the repaired adapter folder vanished: {e}") from e
-        except Exception as e:
-            raise refuse(f"vLLM could not load the admitted adapter: {e}") from e
-        loaded = len(getattr(lora, "loras", {}))
-        if loaded != outcome.modules:
-            # vLLM skips modules it does not expect; an adapter repaired on paper but not in the engine
-            # must not be served.
-            raise refuse(f"vLLM loaded {loaded} of the {outcome.modules} repaired modules")
-    except AdapterRefused:
-        if outcome.cleanup is not None:
-            outcome.cleanup()
-        raise
-    # Private folders (cache disabled) are kept for eviction reloads of this binding.
-    state.bindings[bind_key] = Binding(outcome.key, outcome.path, private=outcome.cleanup is not None)
-    try:  # for the API server's per-request check (vllm_safeguard.bindings); best effort
-        publish_binding(pipeline.config.cache_dir, model_name, name, bind_key[1], outcome.path)
-    except OSError as e:
-        logger.warning("vllm-safeguard: cannot publish the binding of adapter %r: %s", name, e)
-    with _suppress_metric_errors():
-        if pipeline.config.cache_enabled:
-            m.cache_lookups.labels(model_name=model_name).inc()
-        if outcome.cache_hit:
-            m.cache_hits.labels(model_name=model_name).inc()
-        m.loads.labels(model_name=model_name, outcome=outcome.decision, method=method).inc()
-        m.risk_score.labels(model_name=model_name).observe(outcome.risk_score)
-        if outcome.stripped:
-            m.modules_stripped.labels(model_name=model_name).inc(len(outcome.stripped))
-        m.repair_duration.labels(
-            model_name=model_name, method=method, cache="hit" if outcome.cache_hit else "miss"
-        ).observe(outcome.duration_s)
-        if not outcome.cache_hit and outcome.report is not None:
-            m.layers_repaired.labels(model_name=model_name, method=method).inc(
-                int(outcome.report.get("layers_repaired", 0))
-            )
-            expert = (outcome.report.get("summary") or {}).get("dominant_expert")
-            if expert in ("surgical", "aggressive"):  # bounded label values
-                m.translator_routing.labels(model_name=model_name, expert=expert).inc()
-    if pipeline.config.log_reports:
-        logger.info("%s", summarize(name, outcome, pipeline.config))
-    return lora

@@ -581,7 +581,8 @@ def setup_runner(runner: Any, vllm_config: Any) -> TokenAlphaFiller | None:
     pattern as a broken reference), and the error is logged.
     """
     from .config import load_config
-    from .pipeline import STATE_ATTR, _model_dir, locate_safety
+    from .pipeline import locate_safety
+    from .worker_hook import STATE_ATTR, _model_dir
 
     manager = getattr(runner, "lora_manager", None)
     state = getattr(manager, STATE_ATTR, None)

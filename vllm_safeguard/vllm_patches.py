@@ -317,7 +317,7 @@ def _wrap_worker_init(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         original(self, vllm_config, *args, **kwargs)
-        from .pipeline import attach_worker
+        from .worker_hook import attach_worker
 
         attach_worker(self, vllm_config)
 
@@ -336,7 +336,7 @@ def in_engine_step() -> bool:
 def _wrap_load_adapter(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def _load_adapter(self: Any, lora_request: Any) -> Any:
-        from .pipeline import load_adapter_hook
+        from .worker_hook import load_adapter_hook
 
         return load_adapter_hook(self, lora_request, original, in_step=in_engine_step())
 

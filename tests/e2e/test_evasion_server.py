@@ -18,6 +18,9 @@ inside the engine step).
    step failure is counted. The replacement loaded under a new name gives another output, so the
    equality is not vacuous.
 
+3. One adapter's admitted copy (its cache entry) is deleted: its next request fails alone with a 400
+   from the API server (``vllm_safeguard.bindings``), another adapter keeps serving.
+
 Throughout: no engine death (same PIDs, ``/health`` OK, no EngineCore fatal error in the log).
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +106,8 @@ class Record:
     entries: dict[str, Path] = field(default_factory=dict)  # first adapter name -> server cache entry
     expected: dict[str, LoadOutcome] = field(default_factory=dict)  # in-process admission of accepted cases
     limit: float = 0.0  # no adapter is served at or above this risk (AdmissionRules.limit)
+    lost: tuple[int, str] = (0, "")  # phase 3: a request for an adapter whose admitted copy was deleted
+    after_lost: int = 0  # and a request for another adapter right after it
     exit_code: int | None = None
     log: str = ""
     seconds: float = 0.0
@@ -190,6 +196,14 @@ def _evictions(url: str, setup: Setup, ctx: EvasionContext, rec: Record) -> None
         rec.fresh[e.name] = (status, message, toks)
     for e in SWAPS:
         rec.rounds[e.name]["after_fresh"] = _tokens(url, names[e.name], rec.statuses)
+    # Phase 3: the admitted copy itself is lost (its cache entry deleted). That request fails alone, with a
+    # 400 from the API server, before the engine step; another adapter keeps serving.
+    lost = names[SWAPS[0].name]
+    shutil.rmtree(_cache_entries(setup)[lost])
+    body = {"model": lost, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0.0}
+    status, resp, _ = post(url + "/v1/completions", body)
+    rec.lost = (status, error_message(resp) if status != 200 else "")
+    rec.after_lost = complete(url, names[SWAPS[1].name])[0]
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +358,12 @@ def test_reloads_counted_without_step_failures(run: Record) -> None:
     assert _delta(run.metrics_mid, run.metrics_after, "safeguard_adapter_reloads_total") > 0
     assert metric(run.metrics_after, "safeguard_step_failures_total", model_name=MODEL) == 0
     assert "could not be loaded inside an engine step" not in run.log
+
+
+def test_lost_admitted_copy_fails_that_request_alone(run: Record) -> None:
+    status, message = run.lost
+    assert status == 400 and "admitted canonical copy is gone" in message, run.lost
+    assert run.after_lost == 200
 
 
 # ------------------------------------------------------------------------------------ overall

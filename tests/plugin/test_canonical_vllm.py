@@ -41,9 +41,10 @@ from vllm_safeguard.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, p
 from vllm_safeguard.canonical import canonical_tensors
 from vllm_safeguard.config import SafeguardConfig, load_config
 from vllm_safeguard.errors import AdapterValidationError, CoverageError, UnrepairableError
-from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline, _expected_modules
+from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline
 from vllm_safeguard.reference import AlignmentReference
 from vllm_safeguard.testing import LLAMA_TARGETS
+from vllm_safeguard.worker_hook import _expected_modules
 from vllm_safeguard.workspace import VLLM_TINY_SPEC, Workspace
 
 # What vLLM's worker computes for Llama (WorkerLoRAManager._load_adapter): the LinearBase layer names

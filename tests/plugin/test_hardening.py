@@ -105,7 +105,8 @@ def test_hook_refuses_path_attacks(
     attack: PathAttack, roots: Path, workspace: Workspace, tmp_path: Path
 ) -> None:
     pytest.importorskip("vllm")
-    from vllm_safeguard.pipeline import AdapterRefused, attach_worker, load_adapter_hook
+    from vllm_safeguard.pipeline import AdapterRefused
+    from vllm_safeguard.worker_hook import attach_worker, load_adapter_hook
 
     if attack.symlink_target is not None:
         os.symlink(attack.symlink_target, roots / attack.request_path)
@@ -128,7 +129,8 @@ def test_hook_accepts_names_inside_the_roots(roots: Path, workspace: Workspace, 
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.pipeline import AdapterRefused, attach_worker, load_adapter_hook
+    from vllm_safeguard.pipeline import AdapterRefused
+    from vllm_safeguard.worker_hook import attach_worker, load_adapter_hook
 
     cache = tmp_path / "cache"
     mgr = SimpleNamespace()
@@ -291,7 +293,8 @@ def test_repair_that_raises_is_refused_cleanly(
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.pipeline import AdapterRefused, attach_worker, load_adapter_hook
+    from vllm_safeguard.pipeline import AdapterRefused
+    from vllm_safeguard.worker_hook import attach_worker, load_adapter_hook
 
     def boom(*a: Any, **k: Any) -> MethodOutput:
         raise RuntimeError("method exploded")
@@ -314,7 +317,8 @@ def test_repair_that_hangs_times_out_and_is_refused(
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.pipeline import AdapterRefused, attach_worker, load_adapter_hook
+    from vllm_safeguard.pipeline import AdapterRefused
+    from vllm_safeguard.worker_hook import attach_worker, load_adapter_hook
 
     release = threading.Event()
 

@@ -14,8 +14,9 @@ pytest.importorskip("vllm")
 from vllm.exceptions import LoRAAdapterNotFoundError
 from vllm.lora.request import LoRARequest
 
-from vllm_safeguard.pipeline import STATE_ATTR, AdapterRefused, attach_worker, load_adapter_hook
+from vllm_safeguard.pipeline import AdapterRefused
 from vllm_safeguard.vllm_patches import refusal_text
+from vllm_safeguard.worker_hook import STATE_ATTR, attach_worker, load_adapter_hook
 from vllm_safeguard.workspace import Workspace
 
 
