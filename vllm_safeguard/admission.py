@@ -5,7 +5,7 @@ staged copy of an adapter; ``vllm-safeguard admit`` runs the same pipeline as a 
 
 Semantics (every "refuse" raises; nothing is served that these rules did not pass)::
 
-    c = canonicalize(adapter)                      # scaling folded, dead rank components dropped
+    c = canonicalize(adapter, served_dtype)        # scaling folded, SVD factors, rounded to the served dtype
     for m in c: kind(m) not in vLLM's LoRA modules -> refuse invalid     (vLLM would refuse it late)
     uncovered = [m in c if m not in reference and m matches no coverage_allow glob]
     uncovered and coverage == "refuse"             -> refuse uncovered   (names the modules)
@@ -15,10 +15,11 @@ Semantics (every "refuse" raises; nothing is served that these rules did not pas
     limit = min(threshold if threshold > 0 else inf, max_served_risk or inf)   # no served risk >= limit
     if risk < threshold and risk < limit: decision "passed", served = c    # the method never runs
     else:
-        served = canonicalize(repair(c))           # the method, on the canonical adapter
+        served = canonicalize(repair(c))           # the method, on the canonical adapter (a failing
+                                                   # method -> refuse unrepairable: the decision is made)
         factors of served not finite in the served dtype, or over the bound -> refuse invalid
         after = score(served)
-        after >= limit, served == c                -> refuse unrepairable ("left the update unchanged")
+        after >= limit, served ~= c (same_update)  -> refuse unrepairable ("left the update unchanged")
         after >= limit                             -> refuse unrepairable ("still at or above")
         after > risk (beyond float noise)          -> refuse unrepairable ("raised the risk")
         decision "repaired" if served != c else "passed" (the method judged it harmless, below limit)
@@ -43,8 +44,13 @@ from .errors import AdapterValidationError, CoverageError, UnrepairableError
 from .reference import AlignmentReference
 from .risk import RiskReport, score_adapter
 
+# Part of every cache key: bump it whenever a rule or the canonical form changes what is served, so no
+# entry decided by older rules is ever handed out as a hit.
+ADMISSION_VERSION = 2
+
 # Relative slack when comparing the risk before and after a repair (fp32 rounding of the same value).
 _RISK_RTOL = 1e-4
+_RISK_ATOL = 1e-6  # near zero, fp32 noise of the scoring maths is ~1e-7 (review finding: 9.9e-8 vs 1.75e-7)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,10 @@ class Admission:
     allowed_uncovered: list[str] = field(default_factory=list)
 
 
+def _is_embedding(name: str) -> bool:
+    return module_kind(name) in ("embed_tokens", "wte", "word_embeddings", "embed_in")
+
+
 def _allowed(name: str, allow: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in allow)
 
@@ -101,10 +111,17 @@ def apply_coverage(
 ) -> tuple[LoRAAdapter, list[str], list[str]]:
     """``(adapter without stripped modules, stripped, allowed uncovered)`` or :class:`CoverageError`."""
     uncovered = sorted(n for n in adapter.modules if n not in reference.modules)
-    allowed = [n for n in uncovered if _allowed(n, rules.coverage_allow)]
+    # Embedding LoRAs have another layout in vLLM (A [r, vocab], B [hidden, r]) that this package does
+    # not read: an allow-list cannot admit them (vLLM would fail applying them, in the engine step).
+    allowed = [n for n in uncovered if _allowed(n, rules.coverage_allow) and not _is_embedding(n)]
     bad = [n for n in uncovered if n not in allowed]
     if not bad:
         return adapter, [], allowed
+    if rules.coverage != "strip" and _is_embedding(bad[0]):
+        raise CoverageError(
+            f"module {bad[0]!r} is an embedding LoRA: the alignment reference does not cover it and vLLM "
+            "reads embedding LoRAs in another layout, so it can be neither scored nor allowed; remove it"
+        )
     if rules.coverage != "strip":
         raise CoverageError(
             f"module {bad[0]!r} is not covered by the alignment reference (nothing can score or repair it)"
@@ -160,7 +177,7 @@ def admit(
         CoverageError: (refused_uncovered) a module nothing can score.
         UnrepairableError: (refused_unrepairable) at or above the threshold and not repaired below it.
     """
-    c = canonicalize(adapter)
+    c = canonicalize(adapter, served_dtype)
     check_expected_modules(c, expected_modules)
     c, stripped, allowed = apply_coverage(c, reference, rules)
     check_update_bound(c, base_norms, rules.max_update_ratio)
@@ -170,8 +187,11 @@ def admit(
     limit = rules.limit
     if risk.score < rules.risk_threshold and risk.score < limit:
         return Admission("passed", c, c, risk, None, None, stripped, allowed)
-    result = repair(c)
-    served = canonicalize(result.adapter)
+    try:
+        result = repair(c)
+    except Exception as e:  # the decision "this needs a repair" is made: a failed repair is a refusal
+        raise UnrepairableError(f"risk {risk.score:.3f} needs a repair and the repair failed: {e}") from e
+    served = canonicalize(result.adapter, served_dtype)
     check_expected_modules(served, expected_modules)
     if set(served.modules) - set(c.modules):
         raise UnrepairableError(
@@ -180,8 +200,10 @@ def admit(
     check_update_bound(served, base_norms, rules.max_update_ratio)
     if served_dtype is not None:
         check_served_dtype(served, served_dtype)
-    after = score_adapter(served, reference).score
     unchanged = same_update(c, served)
+    if unchanged:  # the method judged it harmless: serve exactly what was scored
+        served = c
+    after = score_adapter(served, reference).score
     where = f"worst module {risk.worst_module!r}" if risk.worst_module else "no covered module"
     if after >= limit:
         what = (
@@ -193,7 +215,7 @@ def admit(
             f"risk {risk.score:.3f} ({where}) is at or above the limit {limit:g} (risk_threshold "
             f"{rules.risk_threshold:g}, max_served_risk {rules.max_served_risk}) and {what}"
         )
-    if after > risk.score * (1 + _RISK_RTOL) + 1e-9:
+    if after > risk.score * (1 + _RISK_RTOL) + _RISK_ATOL:
         raise UnrepairableError(f"the repair raised the risk from {risk.score:.3f} to {after:.3f}")
     decision = "passed" if unchanged else "repaired"
     return Admission(decision, served, c, risk, after, result.report, stripped, allowed)

@@ -9,6 +9,8 @@ follows vLLM's ``PEFTHelper`` rules for ``alpha / r``, rsLoRA and ``rank_pattern
     A_c = fp32(A)                               # [r, in]
     B_c = fp32(B) * scaling                     # [out, r]: the scaling folded in, in fp32
     keep rank component i iff A_c[i, :] != 0 and B_c[:, i] != 0    # dead components add nothing
+    B_c, A_c = svd_factors(B_c A_c)            # no cancelling components (lowrank.refactorize)
+    with the served dtype d: A_c, B_c = fp32(d(A_c)), fp32(d(B_c))   # vLLM's cast is then exact
     drop the module iff no component is kept                       # a zero update
     on disk: every module zero-padded to R = max rank, fp32, config {r: R, lora_alpha: R,
     use_rslora: false, no patterns, target_modules: explicit list}  # vLLM's scaling R / R == 1
@@ -24,6 +26,7 @@ Dropping dead components matters for the maths too: a rank column with a zero ro
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,25 +40,54 @@ from safetensors.torch import save_file
 from .adapter import LoRAAdapter, LoRAModule, module_kind
 from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, peft_key
 from .errors import AdapterValidationError
-from .lowrank import frob2
+from .lowrank import frob2, refactorize
 
 # Fields of the canonical adapter_config.json (nothing else is written).
 CANONICAL_FORMAT = "vllm-safeguard-canonical/1"
 
 
-def canonical_module(mod: LoRAModule) -> LoRAModule | None:
-    """``mod`` with its scaling folded into ``B`` (fp32) and dead rank components dropped; None if zero."""
-    a = mod.lora_a.to(torch.float32)
-    b = mod.lora_b.to(torch.float32) * mod.scaling if mod.scaling != 1.0 else mod.lora_b.to(torch.float32)
-    live = (a != 0).any(dim=1) & (b != 0).any(dim=0)
+def canonical_module(mod: LoRAModule, served_dtype: torch.dtype | None = None) -> LoRAModule | None:
+    """``mod`` in canonical form (see the module docstring); None if its update is zero.
+
+    The update is re-factored into its SVD factors (:func:`~vllm_safeguard.lowrank.refactorize`), so
+    no pair of rank components that cancel in fp32 survives to be un-cancelled by the server's
+    rounding; then, with ``served_dtype``, both factors are rounded to it (and kept as fp32 values),
+    so vLLM's cast to its LoRA dtype is exact and the factors scored are the factors applied.
+    """
+    a = mod.lora_a if mod.lora_a.dtype == torch.float32 else mod.lora_a.to(torch.float32)
+    b = mod.lora_b if mod.lora_b.dtype == torch.float32 else mod.lora_b.to(torch.float32)
+    if mod.scaling != 1.0:
+        b = b * mod.scaling
+    live = a.any(dim=1) & b.any(dim=0)
     if not bool(live.any()):
         return None
     if not bool(live.all()):
         a, b = a[live], b[:, live]
+    if not (math.isfinite(_amax(a)) and math.isfinite(_amax(b))):
+        raise AdapterValidationError(
+            "scaled factor (lora_alpha / r) * B is not finite in fp32", key=mod.name, value=mod.scaling
+        )
+    # rtol 1e-5: drops the fp32 noise (~1e-7-1e-6 of the top singular value) that exactly cancelling
+    # components leave in the SVD; what is dropped changes the update by < 1e-5 of its norm.
+    b, a, _ = refactorize(b, a, rtol=1e-5)
+    if served_dtype is not None and served_dtype != torch.float32:
+        a, b = a.to(served_dtype).to(torch.float32), b.to(served_dtype).to(torch.float32)
+        live = a.any(dim=1) & b.any(dim=0)  # rounding can flush a tiny component to zero
+        if not bool(live.any()):
+            return None
+        if not bool(live.all()):
+            a, b = a[live], b[:, live]
+    if not bool(a.any()) or not bool(b.any()):
+        return None
     return LoRAModule(mod.name, a.contiguous(), b.contiguous(), 1.0)
 
 
-def canonicalize(adapter: LoRAAdapter) -> LoRAAdapter:
+def _amax(t: torch.Tensor) -> float:
+    """``max |t|`` (NaN if any entry is NaN: torch's max propagates it)."""
+    return float(t.abs().amax())
+
+
+def canonicalize(adapter: LoRAAdapter, served_dtype: torch.dtype | None = None) -> LoRAAdapter:
     """The canonical in-memory adapter (see the module docstring).
 
     Raises:
@@ -63,14 +95,9 @@ def canonicalize(adapter: LoRAAdapter) -> LoRAAdapter:
     """
     modules: dict[str, LoRAModule] = {}
     for name, mod in sorted(adapter.modules.items()):
-        c = canonical_module(mod)
-        if c is None:
-            continue
-        if not (torch.isfinite(c.lora_a).all() and torch.isfinite(c.lora_b).all()):
-            raise AdapterValidationError(
-                "scaled factor (lora_alpha / r) * B is not finite in fp32", key=name, value=mod.scaling
-            )
-        modules[name] = c
+        c = canonical_module(mod, served_dtype)
+        if c is not None:
+            modules[name] = c
     if not modules:
         raise AdapterValidationError("the adapter's update is zero in every module (nothing to serve)")
     return LoRAAdapter(
@@ -109,12 +136,15 @@ def canonical_tensors(adapter: LoRAAdapter) -> dict[str, torch.Tensor]:
     rank = canonical_rank(adapter.modules)
     out: dict[str, torch.Tensor] = {}
     for name, m in sorted(adapter.modules.items()):
-        if m.scaling != 1.0:
+        if m.scaling != 1.0 or m.lora_a.dtype != torch.float32 or m.lora_b.dtype != torch.float32:
             raise ValueError(f"{name}: not canonical (scaling {m.scaling!r}); call canonicalize first")
-        a = torch.zeros(rank, m.in_features, dtype=torch.float32)
-        b = torch.zeros(m.out_features, rank, dtype=torch.float32)
-        a[: m.rank] = m.lora_a
-        b[:, : m.rank] = m.lora_b
+        if m.rank == rank:  # nothing to pad: the factors themselves (safetensors copies on write)
+            a, b = m.lora_a.contiguous(), m.lora_b.contiguous()
+        else:
+            a = torch.zeros(rank, m.in_features, dtype=torch.float32)
+            b = torch.zeros(m.out_features, rank, dtype=torch.float32)
+            a[: m.rank] = m.lora_a
+            b[:, : m.rank] = m.lora_b
         out[peft_key(name, "A")] = a
         out[peft_key(name, "B")] = b
     return out
@@ -145,40 +175,54 @@ def write_canonical(adapter: LoRAAdapter, folder: str | os.PathLike[str]) -> Pat
     return target
 
 
-def same_update(a: LoRAAdapter, b: LoRAAdapter) -> bool:
-    """Whether two canonical adapters serve the same update (same modules, same factors, bitwise)."""
+def same_update(a: LoRAAdapter, b: LoRAAdapter, rtol: float = 1e-5) -> bool:
+    """Whether two adapters serve the same update: same modules, and per module
+    ``||B_a A_a - B_b A_b||_F <= rtol * ||B_a A_a||_F`` (in float64, through the factors).
+
+    Not bitwise: the canonical SVD factors of an unchanged update are re-computed after a method ran,
+    which moves them by fp32 rounding (~1e-7 relative) without changing what is served.
+    """
     if set(a.modules) != set(b.modules):
         return False
     for name, ma in a.modules.items():
         mb = b.modules[name]
-        if ma.lora_a.shape != mb.lora_a.shape or ma.lora_b.shape != mb.lora_b.shape:
+        if ma.in_features != mb.in_features or ma.out_features != mb.out_features:
             return False
-        if not (torch.equal(ma.lora_a, mb.lora_a) and torch.equal(ma.lora_b, mb.lora_b)):
+        ba, aa = ma.scaled_b().double(), ma.lora_a.double()
+        bb, ab = mb.scaled_b().double(), mb.lora_a.double()
+        ref = float(frob2(ba, aa))
+        diff = float(frob2(torch.cat([ba, -bb], 1), torch.cat([aa, ab], 0)))
+        if not max(diff, 0.0) <= (rtol**2) * max(ref, 0.0):
             return False
     return True
 
 
 def update_norm(mod: LoRAModule) -> float:
-    """``||B A||_F`` of a canonical module (inf when the Gram terms overflow fp32)."""
+    """``||B A||_F`` of a canonical module (inf when the Gram terms overflow fp32). The Gram form can
+    round slightly below zero for a near-zero update; that is clamped (NaN stays NaN)."""
     value = float(frob2(mod.lora_b, mod.lora_a))
-    return value**0.5 if value >= 0 else float("nan")
+    return max(value, 0.0) ** 0.5 if not math.isnan(value) else value
 
 
 def check_served_dtype(adapter: LoRAAdapter, dtype: torch.dtype) -> None:
     """Refuse factors that are not finite once cast to ``dtype`` (what the server computes in).
 
-    Besides the cast, ``r * max|A| * max|B|`` (a bound on every entry of ``B A``) must fit ``dtype``.
+    A cast overflows exactly when ``max |x|`` exceeds the dtype's largest finite value (checked as one
+    reduction, without materializing the cast). Besides, ``r * max|A| * max|B|`` (a bound on every
+    entry of ``B A``) must fit ``dtype``.
     """
     limit = torch.finfo(dtype).max
     for name, m in adapter.modules.items():
-        for side, t in (("A", m.lora_a), ("B", m.lora_b)):
-            if not torch.isfinite(t.to(dtype)).all():
+        a_max, b_max = _amax(m.lora_a), _amax(m.lora_b)
+        for side, v in (("A", a_max), ("B", b_max)):
+            if not v <= limit:
                 raise AdapterValidationError(
                     f"factor lora_{side} overflows the served dtype {dtype}",
                     key=name,
-                    value=float(t.abs().max()),
+                    value=v,
+                    has_value=True,
                 )
-        bound = m.rank * float(m.lora_a.abs().max()) * float(m.lora_b.abs().max())
+        bound = m.rank * a_max * b_max
         if not bound <= limit:
             raise AdapterValidationError(
                 f"update B @ A can overflow the served dtype {dtype}", key=name, value=bound, has_value=True

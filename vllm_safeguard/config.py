@@ -145,7 +145,8 @@ class SafeguardConfig(BaseModel):
         default_factory=list,
         description=(
             "Operator allow-list of uncovered module paths (fnmatch globs, e.g. 'lm_head') that may be served "
-            "without a risk score. They are still canonicalized and bounded by max_update_ratio."
+            "without a risk score. They are still canonicalized and bounded by max_update_ratio. Embedding "
+            "modules (embed_tokens) are never allowed: vLLM reads their LoRA in another layout."
         ),
     )
     max_update_ratio: float | None = Field(

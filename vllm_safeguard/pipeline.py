@@ -34,7 +34,7 @@ from .adapter_io import (
     module_norms_from_model_dir,
     module_shapes_from_model_dir,
 )
-from .admission import Admission, AdmissionRules, admit
+from .admission import ADMISSION_VERSION, Admission, AdmissionRules, admit
 from .cache import RepairCache, make_key
 from .canonical import write_canonical
 from .config import SafeguardConfig
@@ -299,7 +299,9 @@ class SafeguardPipeline:
         ctx = {
             "expected_modules": sorted(self.ctx.expected_modules or ()),
             "served_dtype": str(self.ctx.served_dtype),
-            "canonical": 1,
+            "admission": ADMISSION_VERSION,
+            "max_adapter_bytes": self.config.max_adapter_bytes,
+            "update_bound_enforced": self._base_norms is not None,
         }
         return make_key(digest, self.reference.manifest.content_hash, method_cfg | ctx, salt=salt)
 

@@ -552,13 +552,13 @@ def _request_adapter_problem(processor: Any, lora_request: Any) -> str | None:
             model_cfg = vllm_config.model_config  # type: ignore[union-attr]
             served = model_cfg.served_model_name
             model_name = str(served[0] if isinstance(served, list) else served or model_cfg.model)
-            cached = (config, model_name)
+            cached = (config, model_name, str(getattr(vllm_config, "instance_id", "") or ""))
             processor._safeguard_binding_ctx = cached
-        config, model_name = cached
+        config, model_name, instance = cached
         if not config.enabled:
             return None
         return binding_problem(
-            config.cache_dir, model_name, str(lora_request.lora_name), int(lora_request.lora_int_id)
+            config.cache_dir, model_name, str(lora_request.lora_name), int(lora_request.lora_int_id), instance
         )
     except Exception as e:
         logger.debug("vllm-safeguard: API-side binding check skipped (%s); the worker decides", e)

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from .adapter_io import WEIGHTS_NAME
-from .bindings import publish_binding
+from .bindings import binding_lock, publish_binding, read_binding
 from .config import SafeguardConfig, load_config, log_effective
 from .errors import AdapterValidationError
 from .paths import resolve_adapter_path, warn_if_unrestricted
-from .pipeline import AdapterRefused, PipelineContext, SafeguardPipeline, refusal_kind, summarize
+from .pipeline import AdapterRefused, LoadOutcome, PipelineContext, SafeguardPipeline, refusal_kind, summarize
 
 logger = logging.getLogger("vllm_safeguard")
 
@@ -56,6 +56,7 @@ class WorkerState:
     # /v1/load_lora_adapter call a new int id, so an unload + load admits afresh, while an eviction
     # reload (same request object) is served from this binding and never re-reads the source folder.
     bindings: dict[tuple[str, int], Binding] = field(default_factory=dict)
+    instance: str = ""  # vLLM's engine instance id (shared by this engine's workers and API server)
 
     @property
     def enabled(self) -> bool:
@@ -81,7 +82,7 @@ def attach_worker(manager: Any, vllm_config: Any) -> WorkerState:
     model_cfg = vllm_config.model_config
     served = model_cfg.served_model_name
     model_name = str(served[0] if isinstance(served, list) else served or model_cfg.model)
-    state = WorkerState(model_name=model_name)
+    state = WorkerState(model_name=model_name, instance=str(getattr(vllm_config, "instance_id", "") or ""))
     setattr(manager, STATE_ATTR, state)
     method = "unknown"
     try:
@@ -192,7 +193,7 @@ def load_adapter_hook(
     logged and counted (``safeguard_step_failures_total``).
     """
     try:
-        return _load_adapter_checked(manager, lora_request, original)
+        return _load_adapter_checked(manager, lora_request, original, in_step)
     except Exception as e:
         if not in_step:
             raise
@@ -211,9 +212,93 @@ def load_adapter_hook(
         return _empty_lora(lora_request)
 
 
-def _load_adapter_checked(manager: Any, lora_request: Any, original: Callable[[Any, Any], Any]) -> Any:
+def _load_bound(
+    manager: Any,
+    lora_request: Any,
+    original: Callable[[Any, Any], Any],
+    pipeline: SafeguardPipeline,
+    binding: Binding,
+    refuse: Callable[..., AdapterRefused],
+    m: Any,
+    model_name: str,
+) -> Any:
     import msgspec
 
+    bound = _resolve_bound(pipeline, binding)
+    if bound is None:
+        raise refuse(
+            f"its admitted canonical copy is gone or corrupt (cache entry {binding.key[:12]}); unload and "
+            "load the adapter again"
+        )
+    with _suppress_metric_errors():
+        m.reloads.labels(model_name=model_name).inc()
+    return original(manager, msgspec.structs.replace(lora_request, lora_path=str(bound)))
+
+
+def _admit(
+    manager: Any,
+    lora_request: Any,
+    original: Callable[[Any, Any], Any],
+    pipeline: SafeguardPipeline,
+    refuse: Callable[..., AdapterRefused],
+    m: Any,
+    model_name: str,
+    method: str,
+) -> tuple[LoadOutcome | None, Any]:
+    """Admit the request's folder and let vLLM load the canonical copy: ``(outcome, LoRAModel)``;
+    ``(None, LoRAModel)`` when fail_closed=false served it unrepaired."""
+    import msgspec
+    from vllm.exceptions import LoRAAdapterNotFoundError
+
+    name = str(lora_request.lora_name)
+    try:
+        path = adapter_folder(pipeline.config, lora_request.lora_path)
+    except AdapterValidationError as e:  # outside the adapter roots: always refused, even fail-open
+        raise refuse(str(e), "invalid") from e
+    except Exception as e:
+        raise refuse(
+            f"cannot resolve adapter path {_short_path(lora_request.lora_path)}: {e}", "invalid"
+        ) from e
+    if not os.path.isdir(path):
+        # Same answer (404) vLLM gives; raised here so vLLM never opens the path itself.
+        raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
+    try:
+        outcome = pipeline.process(path, name)
+    except Exception as e:
+        kind = refusal_kind(e)
+        # fail_closed=false serves an adapter whose *processing* failed before any decision; a decision
+        # (invalid, uncovered, unrepairable; a failed repair is unrepairable) is never overridden.
+        if pipeline.config.fail_closed or kind != "error":
+            raise refuse(str(e), kind) from e
+        logger.error(
+            "vllm-safeguard: adapter %r NOT repaired (fail_closed=false), serving it as is: %s", name, e
+        )
+        with _suppress_metric_errors():
+            m.loads.labels(model_name=model_name, outcome="unrepaired", method=method).inc()
+        # The contained folder, not the request's string (which vLLM would resolve on its own terms).
+        return None, original(manager, msgspec.structs.replace(lora_request, lora_path=path))
+    try:
+        try:
+            lora = original(manager, msgspec.structs.replace(lora_request, lora_path=str(outcome.path)))
+        except LoRAAdapterNotFoundError as e:
+            raise refuse(f"the repaired adapter folder vanished: {e}") from e
+        except Exception as e:
+            raise refuse(f"vLLM could not load the admitted adapter: {e}") from e
+        loaded = len(getattr(lora, "loras", {}))
+        if loaded != outcome.modules:
+            # vLLM skips modules it does not expect; an adapter repaired on paper but not in the engine
+            # must not be served.
+            raise refuse(f"vLLM loaded {loaded} of the {outcome.modules} repaired modules")
+    except AdapterRefused:
+        if outcome.cleanup is not None:
+            outcome.cleanup()
+        raise
+    return outcome, lora
+
+
+def _load_adapter_checked(
+    manager: Any, lora_request: Any, original: Callable[[Any, Any], Any], in_step: bool = False
+) -> Any:
     from .metrics import get_metrics
 
     state: WorkerState | None = getattr(manager, STATE_ATTR, None)
@@ -238,68 +323,40 @@ def _load_adapter_checked(manager: Any, lora_request: Any, original: Callable[[A
     if pipeline.ctx.expected_modules is None:
         pipeline.ctx.expected_modules = _expected_modules(manager)
     bind_key = (name, int(getattr(lora_request, "lora_int_id", 0) or 0))
+    if getattr(lora_request, "load_inplace", False) and not in_step:
+        state.bindings.pop(bind_key, None)  # an in-place reload asks for the folder's new bytes
     binding = state.bindings.get(bind_key)
     if binding is not None:
         # An eviction reload: the admitted bytes, never the source folder again.
-        bound = _resolve_bound(pipeline, binding)
-        if bound is None:
-            raise refuse(
-                "its admitted canonical copy is gone or corrupt (cache entry "
-                f"{binding.key[:12]}); unload and load the adapter again"
+        return _load_bound(manager, lora_request, original, pipeline, binding, refuse, m, model_name)
+    cache_dir = pipeline.config.cache_dir
+    # One admission per (engine instance, name, int id) across this engine's workers (tensor
+    # parallel): the first publishes its binding, the others load the same admitted entry.
+    with binding_lock(cache_dir, model_name, name):
+        shared = None
+        if not getattr(lora_request, "load_inplace", False) and pipeline.config.cache_enabled:
+            shared = read_binding(cache_dir, model_name, name, bind_key[1], state.instance)
+        if shared is not None:
+            binding = Binding(str(shared.get("key", "")), Path(str(shared["path"])))
+            state.bindings[bind_key] = binding
+            return _load_bound(manager, lora_request, original, pipeline, binding, refuse, m, model_name)
+        outcome, lora = _admit(manager, lora_request, original, pipeline, refuse, m, model_name, method)
+        if outcome is None:  # fail-open: served unrepaired, never bound
+            return lora
+        # Private folders (cache disabled) are kept for eviction reloads of this binding.
+        state.bindings[bind_key] = Binding(outcome.key, outcome.path, private=outcome.cleanup is not None)
+        try:  # for the API server's per-request check and the other workers (vllm_safeguard.bindings)
+            publish_binding(
+                cache_dir,
+                model_name,
+                name,
+                bind_key[1],
+                outcome.path,
+                key=outcome.key,
+                instance=state.instance,
             )
-        with _suppress_metric_errors():
-            m.reloads.labels(model_name=model_name).inc()
-        return original(manager, msgspec.structs.replace(lora_request, lora_path=str(bound)))
-    from vllm.exceptions import LoRAAdapterNotFoundError
-
-    try:
-        path = adapter_folder(pipeline.config, lora_request.lora_path)
-    except AdapterValidationError as e:  # outside the adapter roots: always refused, even fail-open
-        raise refuse(str(e), "invalid") from e
-    except Exception as e:
-        raise refuse(
-            f"cannot resolve adapter path {_short_path(lora_request.lora_path)}: {e}", "invalid"
-        ) from e
-    if not os.path.isdir(path):
-        # Same answer (404) vLLM gives; raised here so vLLM never opens the path itself.
-        raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)
-    try:
-        outcome = pipeline.process(path, name)
-    except Exception as e:
-        kind = refusal_kind(e)
-        # fail_closed=false serves an adapter whose *processing* failed; a decision (invalid,
-        # uncovered, unrepairable) is never overridden by it.
-        if pipeline.config.fail_closed or kind != "error":
-            raise refuse(str(e), kind) from e
-        logger.error(
-            "vllm-safeguard: adapter %r NOT repaired (fail_closed=false), serving it as is: %s", name, e
-        )
-        with _suppress_metric_errors():
-            m.loads.labels(model_name=model_name, outcome="unrepaired", method=method).inc()
-        # The contained folder, not the request's string (which vLLM would resolve on its own terms).
-        return original(manager, msgspec.structs.replace(lora_request, lora_path=path))
-    try:
-        try:
-            lora = original(manager, msgspec.structs.replace(lora_request, lora_path=str(outcome.path)))
-        except LoRAAdapterNotFoundError as e:
-            raise refuse(f"the repaired adapter folder vanished: {e}") from e
-        except Exception as e:
-            raise refuse(f"vLLM could not load the admitted adapter: {e}") from e
-        loaded = len(getattr(lora, "loras", {}))
-        if loaded != outcome.modules:
-            # vLLM skips modules it does not expect; an adapter repaired on paper but not in the engine
-            # must not be served.
-            raise refuse(f"vLLM loaded {loaded} of the {outcome.modules} repaired modules")
-    except AdapterRefused:
-        if outcome.cleanup is not None:
-            outcome.cleanup()
-        raise
-    # Private folders (cache disabled) are kept for eviction reloads of this binding.
-    state.bindings[bind_key] = Binding(outcome.key, outcome.path, private=outcome.cleanup is not None)
-    try:  # for the API server's per-request check (vllm_safeguard.bindings); best effort
-        publish_binding(pipeline.config.cache_dir, model_name, name, bind_key[1], outcome.path)
-    except OSError as e:
-        logger.warning("vllm-safeguard: cannot publish the binding of adapter %r: %s", name, e)
+        except OSError as e:
+            logger.warning("vllm-safeguard: cannot publish the binding of adapter %r: %s", name, e)
     with _suppress_metric_errors():
         if pipeline.config.cache_enabled:
             m.cache_lookups.labels(model_name=model_name).inc()

@@ -408,9 +408,10 @@ def update_huge_but_finite(folder: Path, ctx: EvasionContext) -> None:
     write_lora(folder, _one_module_scaled(ctx, ctx.first("gate_proj", 1), 1e3, 1e3, seed=8))
 
 
-@evasion(3, "refused_invalid", "overflows the served dtype", profile="fp16")
+@evasion(3, "passed", profile="fp16")
 def factors_overflow_fp16_server(folder: Path, ctx: EvasionContext) -> None:
-    """fp32 factors B ~ 1e5, A ~ 1e-6 (a small update) that are Inf once a fp16 server casts them."""
+    """fp32 factors B ~ 1e5, A ~ 1e-6 (a small update) that are Inf once a fp16 server casts them: the
+    canonical SVD factors are balanced (sqrt(S) on each side), so what a fp16 server holds is finite."""
     write_lora(folder, _one_module_scaled(ctx, ctx.first("k_proj"), 2e-5, 2e6, seed=9))
 
 

@@ -214,7 +214,11 @@ def test_scored_update_is_what_vllm_reads_from_the_source(
             assert module in got.stripped or not d.abs().max() > 0, f"{module} dropped but not zero"
             continue
         mine = _delta(scored, module).double()
-        torch.testing.assert_close(mine, d, rtol=1e-5, atol=1e-6 * float(d.abs().max()) + 1e-12)
+        # The scored factors are rounded to the served dtype (what vLLM holds after its cast): the
+        # update equals vLLM's fp32 reading up to that rounding (2^-24 fp32, 2^-11 fp16, 2^-8 bf16 per
+        # factor entry), measured in the norm.
+        eps = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}[PROFILES[e.profile].served_dtype]
+        assert float((mine - d).norm()) <= eps * float(d.norm()) + 1e-12, module
     assert set(scored.modules) <= set(vllm_delta)
 
 

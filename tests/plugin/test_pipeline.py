@@ -72,7 +72,8 @@ def test_benign_adapter_passes_canonicalized_never_copied(workspace: Workspace, 
     original, served = load_adapter(workspace.adapters["benign0"]), load_adapter(out.path)
     assert served.dtype == torch.float32 and served.modules.keys() == original.modules.keys()
     for name, m in original.modules.items():
-        torch.testing.assert_close(served.modules[name].delta(), m.delta(), rtol=1e-6, atol=1e-7)
+        # the SVD re-factorization moves the product by fp32 rounding only
+        torch.testing.assert_close(served.modules[name].delta(), m.delta(), rtol=1e-5, atol=1e-6)
 
 
 def test_threshold_zero_repairs_everything(workspace: Workspace, cache_dir: Path) -> None:

@@ -44,9 +44,9 @@ class Options(BaseModel, extra="forbid"):
 def similarity(mod: LoRAModule, u) -> float:
     """``||U^T B A||_F / ||B A||_F`` — cosine between the projected and the original update."""
     total = float(frob2(mod.lora_b, mod.lora_a))
-    if total == 0.0:
+    if not total > 0.0:  # zero, or a Gram sum that rounded below zero (cancelling components)
         return 1.0
-    inside = float(frob2(u.T @ mod.lora_b, mod.lora_a))
+    inside = max(0.0, float(frob2(u.T @ mod.lora_b, mod.lora_a)))  # (negative)**0.5 would be complex
     return min(1.0, (inside / total) ** 0.5)
 
 
