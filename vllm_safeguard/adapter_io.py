@@ -547,24 +547,14 @@ def adapter_state_dict(
     return out, rank
 
 
-def save_adapter(adapter: LoRAAdapter, folder: str | os.PathLike[str], *, pad_to: int | None = None) -> Path:
-    """Write ``adapter`` as a PEFT folder, atomically (temp folder + rename). Returns the folder."""
+def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temp folder next to ``folder``; its files are fsynced, then the temp folder
+    replaces ``folder`` by renames (a reader sees the old folder or the new one, never half of one)."""
     target = Path(folder)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tensors, rank = adapter_state_dict(adapter, pad_to=pad_to)
-    cfg = dict(adapter.config)
-    cfg.update(
-        r=rank,
-        lora_alpha=rank,
-        use_rslora=False,
-        rank_pattern={},
-        alpha_pattern={},
-        target_modules=sorted({n.rsplit(".", 1)[-1] for n in adapter.modules}),
-    )
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **adapter.metadata})
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        write(tmp)
         for p in tmp.iterdir():
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -579,6 +569,26 @@ def save_adapter(adapter: LoRAAdapter, folder: str | os.PathLike[str], *, pad_to
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def save_adapter(adapter: LoRAAdapter, folder: str | os.PathLike[str], *, pad_to: int | None = None) -> Path:
+    """Write ``adapter`` as a PEFT folder, atomically (temp folder + rename). Returns the folder."""
+    tensors, rank = adapter_state_dict(adapter, pad_to=pad_to)
+    cfg = dict(adapter.config)
+    cfg.update(
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        target_modules=sorted({n.rsplit(".", 1)[-1] for n in adapter.modules}),
+    )
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **adapter.metadata})
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+    return write_folder_atomically(folder, write)
 
 
 def _torch_tag(dtype: torch.dtype) -> str:

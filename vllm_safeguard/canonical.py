@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter import LoRAAdapter, LoRAModule, module_kind
-from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, peft_key
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, peft_key, write_folder_atomically
 from .errors import AdapterValidationError
 from .lowrank import frob2, refactorize
 
@@ -152,27 +150,17 @@ def canonical_tensors(adapter: LoRAAdapter) -> dict[str, torch.Tensor]:
 
 def write_canonical(adapter: LoRAAdapter, folder: str | os.PathLike[str]) -> Path:
     """Write the canonical folder atomically (temp folder + rename). ``adapter`` must be canonical."""
-    target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tensors = canonical_tensors(adapter)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         # One metadata key: safetensors writes a multi-key metadata map in a random order (its bytes, and
         # so the cache entry's hash, would differ between two builds of the same adapter).
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(
             json.dumps(canonical_config(adapter.modules), indent=2, sort_keys=True)
         )
-        for p in tmp.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return write_folder_atomically(folder, write)
 
 
 def same_update(a: LoRAAdapter, b: LoRAAdapter, rtol: float = 1e-5) -> bool:
