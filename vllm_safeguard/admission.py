@@ -203,7 +203,7 @@ def admit(
     unchanged = same_update(c, served)
     if unchanged:  # the method judged it harmless: serve exactly what was scored
         served = c
-    after = score_adapter(served, reference).score
+    after = score_adapter(served, reference, reuse=risk, reuse_of=c).score
     where = f"worst module {risk.worst_module!r}" if risk.worst_module else "no covered module"
     if after >= limit:
         what = (

@@ -84,8 +84,16 @@ def reference_mass(reference: AlignmentReference) -> float:
     return float(sum(float((sub.s**2).sum()) for sub in reference.modules.values()))
 
 
-def score_adapter(adapter: LoRAAdapter, reference: AlignmentReference) -> RiskReport:
+def score_adapter(
+    adapter: LoRAAdapter,
+    reference: AlignmentReference,
+    reuse: RiskReport | None = None,
+    reuse_of: LoRAAdapter | None = None,
+) -> RiskReport:
     """Risk of every module the reference covers, the worst module and the pooled score.
+
+    ``reuse`` / ``reuse_of``: a report of another adapter; a module that is the *same object* in both
+    adapters keeps its risk from it (admission re-scores a repaired adapter whose method kept modules).
 
     Raises:
         AdapterValidationError: a risk term is not finite.
@@ -97,7 +105,12 @@ def score_adapter(adapter: LoRAAdapter, reference: AlignmentReference) -> RiskRe
         if sub is None:
             report.unmatched.append(name)
             continue
-        r = module_risk(mod, sub)
+        same = reuse is not None and reuse_of is not None and reuse_of.modules.get(name) is mod
+        r = (
+            reuse.modules[name]
+            if same and reuse is not None and name in reuse.modules
+            else module_risk(mod, sub)
+        )
         report.modules[name] = r
         undone += r.undone
         if report.worst_module is None or r.risk > report.score:
