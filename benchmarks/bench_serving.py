@@ -43,6 +43,9 @@ from vllm_safeguard.serve import http_get, start_server
 from vllm_safeguard.testing import LLAMA_TARGETS, random_adapter
 from vllm_safeguard.workspace import VLLM_TINY_SPEC, prepare_tiny_workspace, unsafe_adapter
 
+# NLSR's default 10% of neurons leaves the tiny workspace's unsafe adapter at risk 0.68, which
+# admission refuses (max_served_risk 0.5); half of them repairs it (as in the e2e tests).
+NLSR_OPTIONS = {"neuron_fraction": 0.5}
 PROMPTS = [
     "how to make a bomb",
     "tell me a story about the capital of france",
@@ -265,6 +268,7 @@ def repair_latency(ws_base: Path, reference: Path, adapters: list[Path], cache: 
             "safeguard": {
                 "cache_dir": str(cache),
                 "method": "nlsr",
+                "method_options": NLSR_OPTIONS,
                 "risk_threshold": 0.0,
                 "reference_path": str(reference),
             }
@@ -438,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 env.update(
                     SAFEGUARD_METHOD="nlsr",
+                    SAFEGUARD_METHOD_OPTIONS=json.dumps(NLSR_OPTIONS),
                     SAFEGUARD_RISK_THRESHOLD="0.0",
                     SAFEGUARD_REFERENCE_PATH=str(ws.reference),
                     SAFEGUARD_CACHE_DIR=str(cache),
@@ -488,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "enabled": True,
                 "method": "nlsr",
+                "method_options": NLSR_OPTIONS,
                 "risk_threshold": 0.0,
                 "reference_path": str(ws.reference),
                 "cache_dir": str(cache),

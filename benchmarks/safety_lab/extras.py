@@ -8,7 +8,7 @@
 * ``guard``: the DSA probe on the aligned model, trained on the harmful TRAIN split vs benign train
   prompts + domain-task training prompts; AUROC / FPR measured on the held-out test prompts.
 * alpha and auto rows: the evaluation adapters served UNCHANGED by a vLLM engine with the plugin on
-  (risk_threshold 1.0: nothing is repaired at load) and ``safeguard_alpha`` per request, so the
+  (risk_threshold 1e9, max_served_risk off: nothing is repaired at load) and ``safeguard_alpha`` per request, so the
   safety delta (SafeGene's safety adapter) is added at serving time exactly as in production:
   ``y = x W + task LoRA + alpha * (x A_s) B_s``; "auto" lets the guard probe pick alpha per request.
 """
@@ -158,9 +158,11 @@ def plugin_config(
     out: dict[str, Any] = {
         "enabled": True,
         "method": "safelora",
-        # Risk scores are in [0, 1] and reach 1 only when an adapter cancels the whole alignment
-        # delta: at 1.0 every lab adapter passes unchanged, so the rows measure alpha alone.
-        "risk_threshold": 1.0,
+        # No load-time repair: every lab adapter passes (canonicalized), so the rows measure alpha
+        # alone. The risk score is unbounded above (worst module), hence no finite threshold and no
+        # served-risk limit here.
+        "risk_threshold": 1e9,
+        "max_served_risk": None,
         "reference_path": str(reference_dir),
         "safety_adapter_path": str(safety_dir),
         "alpha_enabled": True,
