@@ -105,8 +105,12 @@ def _live(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 _CANCEL_SHARE = 0.5
 
 
-def _cancels(b: torch.Tensor, a: torch.Tensor) -> bool:
-    na, nb = _energies(a, b)
+def _cancels(
+    b: torch.Tensor, a: torch.Tensor, energies: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> bool:
+    """Whether the rank components interfere (``||B A||^2`` under ``_CANCEL_SHARE`` of their independent
+    energy); a NaN counts as cancelling, so it is never taken for canonical."""
+    na, nb = _energies(a, b) if energies is None else energies
     return not float(frob2(b, a)) >= _CANCEL_SHARE * float((na * nb).sum())
 
 
@@ -127,7 +131,7 @@ def _is_canonical(mod: LoRAModule, served_dtype: torch.dtype | None) -> bool:
             return False
         if not (torch.equal(a.to(served_dtype).float(), a) and torch.equal(b.to(served_dtype).float(), b)):
             return False
-    return float(frob2(b, a)) >= _CANCEL_SHARE * float((na * nb).sum())  # NaN: not canonical
+    return not _cancels(b, a, (na, nb))
 
 
 def _amax(t: torch.Tensor) -> float:
