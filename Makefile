@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m vllm_safeguard.demo
+	$(PY) -m vllm_safeguard.apps.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vllm_safeguard kernels tests benchmarks
@@ -54,10 +54,10 @@ bench-serving: $(STAMP)
 	$(PY) benchmarks/bench_serving.py
 
 bench-kernels: $(STAMP)
-	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_fused_safety_lora.py
 
 dashboard: $(STAMP)
-	$(PY) -m vllm_safeguard.grafana
+	$(PY) -m vllm_safeguard.apps.grafana
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -42,7 +42,7 @@ HIT_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
 from vllm_safeguard.config import load_config
-from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline
+from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
 ws, cache, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 sg = {"cache_dir": cache, "method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
 cfg = load_config({"safeguard": sg}, env={})
@@ -76,11 +76,11 @@ def hit_arm(tree: Path, ws: Path, cache: Path, n: int) -> list[float]:
 
 def cold_arms(rounds: int) -> dict[str, Any]:
     from benchmarks.bench_repair import build
-    from vllm_safeguard.adapter_io import save_adapter
-    from vllm_safeguard.admission import AdmissionRules, admit
-    from vllm_safeguard.canonical import write_canonical
+    from vllm_safeguard.admission.canonical import write_canonical
+    from vllm_safeguard.admission.rules import AdmissionRules, admit
+    from vllm_safeguard.core.adapter_io import save_adapter
+    from vllm_safeguard.core.risk import score_adapter
     from vllm_safeguard.methods import repair
-    from vllm_safeguard.risk import score_adapter
 
     reference, adapter, _ = build(32, 8)
     out: dict[str, Any] = {}
@@ -101,7 +101,7 @@ def cold_arms(rounds: int) -> dict[str, Any]:
                     adapter,
                     reference,
                     rules,
-                    lambda c: repair(c, reference, method, opts, max_rank=64),
+                    lambda c, risk: repair(c, reference, method, opts, max_rank=64, risk=risk),
                     served_dtype=torch.bfloat16,
                 )
                 write_canonical(adm.served, tmp / "after")
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--before-ref", default="HEAD", help="git ref of the 'before' tree for the hit path.")
     args = ap.parse_args()
 
-    from vllm_safeguard.workspace import prepare_tiny_workspace
+    from vllm_safeguard.testing.workspace import prepare_tiny_workspace
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-admission-"))
     old_tree = tmp / "before-tree"

@@ -10,14 +10,15 @@ under its own name:
 
 * good: ``POST /v1/load_lora_adapter`` (a fresh random adapter: a real repair, not a cache hit), one
   completion through it, ``POST /v1/unload_lora_adapter``;
-* hostile: a load of a corpus attack (``tests/adversarial/attacks.py``) or a hostile ``lora_path``.
+* hostile: a load of a corpus attack (``vllm_safeguard.testing.attacks``) or a hostile ``lora_path``.
 
 Reported (``benchmarks/results/bench_load.{json,md}``): failed good requests (background traffic plus
 the good operations; target 0), hostile loads not answered with a 4xx (target 0), adapters served
 without repair (good loads the server's ``safeguard_adapter_loads_total`` did not count as
 ``repaired``; target 0), engine restarts (server or engine-core PID changed, or ``/health`` failed;
 target 0), p50/p99 load latency of good and hostile loads, total time. Everything is bounded in count
-and time. The e2e test ``tests/e2e/test_hostile_server.py`` uses the same harness.
+and time. The harness (server, traffic thread, corpus: ``vllm_safeguard.testing.storm`` and
+``.server``) is the one the e2e test ``tests/e2e/test_hostile_server.py`` uses.
 """
 
 from __future__ import annotations
@@ -27,161 +28,22 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_safeguard.adapter_io import save_adapter
+from vllm_safeguard.apps.serve import http_get
+from vllm_safeguard.core.adapter_io import save_adapter
 from vllm_safeguard.metrics import OUTCOMES
-from vllm_safeguard.serve import ServerProcess, group_members, http_get, start_server
-from vllm_safeguard.workspace import Workspace, prepare_tiny_workspace, unsafe_adapter
-
-MODEL = "tiny"
-METHOD = "nlsr"
-# Half of each module's neurons transplanted: repairs the tiny workspace's unsafe adapter below
-# max_served_risk (NLSR's default 10% leaves risk 0.68, which admission refuses as unrepairable).
-METHOD_OPTIONS = '{"neuron_fraction": 0.5}'
-MAX_TOKENS = 4
-
-
-# ------------------------------------------------------------------------------------------ http
-
-
-def post(url: str, body: dict[str, Any], timeout: float = 120.0) -> tuple[int, Any, float]:
-    """(status, parsed body or text, seconds); status 0 when the server could not be reached."""
-    data = json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    t0 = time.perf_counter()
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw, status = r.read().decode("utf-8", "replace"), r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read().decode("utf-8", "replace"), e.code
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-        return 0, str(e), time.perf_counter() - t0
-    dt = time.perf_counter() - t0
-    try:
-        return status, json.loads(raw), dt
-    except ValueError:
-        return status, raw, dt
-
-
-def complete(
-    url: str, model: str, prompt: str = "tell me a story", timeout: float = 120.0
-) -> tuple[int, Any]:
-    status, body, _ = post(
-        url + "/v1/completions",
-        {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True},
-        timeout,
-    )
-    return status, body
-
-
-def error_message(body: Any) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", ""))
-    return str(body)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.e+-]+)$", text, re.M):
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]); nan for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[k]
-
-
-# ------------------------------------------------------------------------------------ good traffic
-
-
-@dataclass
-class Traffic:
-    """Background good traffic: completions (cycling ``models``) plus a ``/health`` poll, bounded by
-    ``max_requests`` and ``max_seconds``; stops early on :meth:`stop`."""
-
-    url: str
-    models: list[str]
-    max_requests: int = 2000
-    max_seconds: float = 600.0
-    statuses: list[int] = field(default_factory=list)
-    failures: list[tuple[str, int, str]] = field(default_factory=list)
-    health_failures: int = 0
-    health_checks: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Traffic:
-        self._thread = threading.Thread(target=self._run, name="good-traffic", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        last_health = 0.0
-        i = 0
-        while not self._stop.is_set() and i < self.max_requests and time.monotonic() < deadline:
-            model = self.models[i % len(self.models)]
-            status, body = complete(self.url, model, timeout=120)
-            self.statuses.append(status)
-            if status != 200:
-                self.failures.append((model, status, error_message(body)[:300]))
-            if time.monotonic() - last_health > 1.0:
-                self.health_checks += 1
-                if http_get(self.url + "/health", timeout=10)[0] != 200:
-                    self.health_failures += 1
-                last_health = time.monotonic()
-            i += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=180)
-
-
-# ------------------------------------------------------------------------------------------ server
-
-
-@dataclass
-class Setup:
-    root: Path
-    ws: Workspace
-    attacks_root: Path  # corpus attacks (one adapter root)
-    good_root: Path  # good adapters (the other adapter root)
-    manifest: dict[str, Any]
-
-
-def prepare(root: Path) -> Setup:
-    """Workspace (model, reference, adapters), the hostile corpus shaped for the model, a good root."""
-    from tests.adversarial.attacks import write_corpus
-
-    ws = prepare_tiny_workspace(root / "ws", n_benign=1)
-    manifest = write_corpus(root / "corpus", ws.base)
-    good_root = root / "good"
-    good_root.mkdir(exist_ok=True)
-    if not (good_root / "unsafe").exists():
-        shutil.copytree(ws.adapters["unsafe"], good_root / "unsafe")
-    return Setup(root, ws, Path(manifest["adapter_root"]), good_root, manifest)
+from vllm_safeguard.testing.server import Traffic, complete, engine_pids, error_message, metric, post
+from vllm_safeguard.testing.storm import METHOD, MODEL, Setup, hostile_requests, launch, prepare
+from vllm_safeguard.testing.workspace import unsafe_adapter
 
 
 def make_good_adapters(setup: Setup, n: int) -> list[Path]:
@@ -199,53 +61,13 @@ def make_good_adapters(setup: Setup, n: int) -> list[Path]:
     return out
 
 
-def launch(
-    setup: Setup,
-    port: int,
-    *,
-    log_path: Path,
-    max_cpu_loras: int = 16,
-    max_loras: int = 2,
-    extra_env: dict[str, str] | None = None,
-) -> ServerProcess:
-    """The bench server; ``extra_env`` (e.g. ``SAFEGUARD_RISK_THRESHOLD``) overrides the plugin's env."""
-    env = dict(
-        os.environ,
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-        SAFEGUARD_METHOD=METHOD,
-        SAFEGUARD_METHOD_OPTIONS=METHOD_OPTIONS,
-        SAFEGUARD_RISK_THRESHOLD="0",
-        SAFEGUARD_CACHE_DIR=str(setup.root / "cache"),
-        SAFEGUARD_ADAPTER_ROOTS=os.pathsep.join([str(setup.attacks_root), str(setup.good_root)]),
-    )
-    env.pop("SAFEGUARD_ENABLED", None)
-    env.update(extra_env or {})
-    static = setup.good_root / "static"
-    if not static.exists():
-        shutil.copytree(setup.ws.adapters["unsafe"], static)
-    argv = [
-        "--model", str(setup.ws.base), "--served-model-name", MODEL,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "256", "--seed", "0",
-        "--enable-lora", "--max-lora-rank", "8", "--max-loras", str(max_loras), "--max-cpu-loras", str(max_cpu_loras),
-        "--lora-modules", f"static={static}",
-    ]  # fmt: skip
-    return start_server(argv, env=env, log_path=log_path, ready_timeout=420)
-
-
-def engine_pids(server: ServerProcess) -> list[int]:
-    """The server and every process of its group (engine core, workers): a restart changes this."""
-    return sorted(group_members(server.proc.pid))
-
-
-def hostile_requests(setup: Setup) -> list[tuple[str, str, str]]:
-    """(name, lora_path, expected substring) for every corpus attack and every hostile request path."""
-    from tests.adversarial.attacks import PATH_ATTACKS
-
-    out = [(f"atk-{a['name']}", a["path"], a["expected"]) for a in setup.manifest["attacks"]]
-    out += [(f"path-{p.name}", p.resolve(setup.attacks_root), p.expected) for p in PATH_ATTACKS]
-    return out
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); nan for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
 
 
 # ------------------------------------------------------------------------------------------ bench

@@ -27,12 +27,12 @@ from typing import Any
 import psutil
 import torch
 
-from vllm_safeguard.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.core.reference import AlignmentReference, ModuleSubspace, ReferenceManifest
 from vllm_safeguard.methods import repair
-from vllm_safeguard.reference import AlignmentReference, ModuleSubspace, ReferenceManifest
-from vllm_safeguard.safegene import SafetyAdapter, SafetyManifest
-from vllm_safeguard.translator import Translator, TranslatorConfig
-from vllm_safeguard.translator.representation import ModuleBasis
+from vllm_safeguard.methods.safegene import SafetyAdapter, SafetyManifest
+from vllm_safeguard.methods.translator import Translator, TranslatorConfig
+from vllm_safeguard.methods.translator.representation import ModuleBasis
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D, FFN, LAYERS, RANK = 4096, 11008, 32, 16
@@ -170,10 +170,15 @@ def main() -> None:
             "nlsr (low-rank, all layers patched)",
             lambda: repair(adapter, reference, "nlsr", {"mode": "topk", "top_k_layers": LAYERS}, max_rank=64),
         ),
-        ("safegene (low-rank)", lambda: repair(adapter, reference, "safegene", max_rank=64, safety=safety)),
+        (
+            "safegene (low-rank)",
+            lambda: repair(adapter, reference, "safegene", max_rank=64, artifacts={"safety_adapter": safety}),
+        ),
         (
             "translator MoE (k=16, NeWTral)",
-            lambda: repair(adapter, reference, "translator", max_rank=64, translator=translator),
+            lambda: repair(
+                adapter, reference, "translator", max_rank=64, artifacts={"translator": translator}
+            ),
         ),
     ]
     for label, fn in runs:

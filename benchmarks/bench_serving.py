@@ -36,12 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from vllm_safeguard.adapter_io import save_adapter
+from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
+from vllm_safeguard.apps.serve import http_get
 from vllm_safeguard.config import load_config
-from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline
-from vllm_safeguard.serve import http_get, start_server
-from vllm_safeguard.testing import LLAMA_TARGETS, random_adapter
-from vllm_safeguard.workspace import VLLM_TINY_SPEC, prepare_tiny_workspace, unsafe_adapter
+from vllm_safeguard.core.adapter_io import save_adapter
+from vllm_safeguard.testing.server import launch_test_server, server_env, vllm_server_argv
+from vllm_safeguard.testing.tiny import LLAMA_TARGETS, random_adapter
+from vllm_safeguard.testing.workspace import VLLM_TINY_SPEC, prepare_tiny_workspace, unsafe_adapter
 
 # NLSR's default 10% of neurons leaves the tiny workspace's unsafe adapter at risk 0.68, which
 # admission refuses (max_served_risk 0.5); half of them repairs it (as in the e2e tests).
@@ -202,7 +203,7 @@ def guard_ab_engine(
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.evaluation.harness import VLLMGenerator
+    from vllm_safeguard.integration.offline_engine import VLLMGenerator
 
     gen = VLLMGenerator(
         model_dir,
@@ -374,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     # Safety delta for the "alpha" arm: SafeGene extraction from the workspace's harmful adapter.
     safety_dir = args.workdir / "safety"
     if not (safety_dir / "safegene.json").is_file():
-        from vllm_safeguard.adapter_io import load_adapter
-        from vllm_safeguard.safegene import extract_safety_adapter
+        from vllm_safeguard.core.adapter_io import load_adapter
+        from vllm_safeguard.methods.safegene import extract_safety_adapter
 
         extract_safety_adapter(None, [load_adapter(ws.adapters["unsafe"])], rank=8, progress=False).save(
             safety_dir
@@ -405,56 +406,39 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring repair latency (in-process pipeline) ...", flush=True)
     latency = repair_latency(ws.base, ws.reference, lat_adapters + list(serving.values()), cache)
 
-    base_args = [
-        "--model",
-        str(ws.base),
-        "--served-model-name",
-        "tiny",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(args.port),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--enable-lora",
-        "--max-lora-rank",
-        str(MAX_LORA_RANK),
-        "--max-loras",
-        str(len(serving)),
-        "--max-num-seqs",
-        str(args.concurrency),
-        "--seed",
-        "0",
-        "--lora-modules",
-        *[f"{n}={p}" for n, p in serving.items()],
-    ]
-    base_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    argv = vllm_server_argv(
+        ws.base,
+        port=args.port,
+        max_lora_rank=MAX_LORA_RANK,
+        max_loras=len(serving),
+        max_num_seqs=args.concurrency,
+        lora_modules=serving,
+    )
     models = [*serving, "tiny"]
     runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     ab: dict[str, Any] | None = None
     for rep in range(args.repeats):
         for arm in arms:
-            env = dict(base_env)
-            if arm == "off":
-                env["VLLM_PLUGINS"] = "none-loaded"  # an allowlist naming no installed plugin
-            else:
-                env.update(
-                    SAFEGUARD_METHOD="nlsr",
-                    SAFEGUARD_METHOD_OPTIONS=json.dumps(NLSR_OPTIONS),
-                    SAFEGUARD_RISK_THRESHOLD="0.0",
-                    SAFEGUARD_REFERENCE_PATH=str(ws.reference),
-                    SAFEGUARD_CACHE_DIR=str(cache),
+            plugin: dict[str, str] = {}
+            if arm != "off":
+                plugin.update(
+                    method="nlsr",
+                    method_options=json.dumps(NLSR_OPTIONS),
+                    risk_threshold="0.0",
+                    reference_path=str(ws.reference),
+                    cache_dir=str(cache),
                 )
             if arm in ("alpha", "guard"):  # + per-request safety delta on every LoRA layer
-                env.update(SAFEGUARD_ALPHA_ENABLED="true", SAFEGUARD_SAFETY_ADAPTER_PATH=str(safety_dir))
+                plugin.update(alpha_enabled="true", safety_adapter_path=str(safety_dir))
             if arm == "guard":
-                env.update(SAFEGUARD_GUARD_PATH=str(guard_dir))
+                plugin.update(guard_path=str(guard_dir))
+            env = server_env(safeguard=plugin, keep_enabled=True)
+            if arm == "off":
+                env["VLLM_PLUGINS"] = "none-loaded"  # an allowlist naming no installed plugin
             print(f"[{rep + 1}/{args.repeats}] plugin {arm}: starting server ...", flush=True)
             t0 = time.perf_counter()
-            with start_server(
-                base_args,
+            with launch_test_server(
+                argv,
                 env=env,
                 log_path=args.workdir / f"server-{arm}-{rep}.log",
                 ready_timeout=600,

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 
 import pytest
 
-from vllm_safeguard.reference import AlignmentReference
-from vllm_safeguard.testing import TinyLlamaSpec, make_tiny_llama, perturb_model
+from vllm_safeguard.core.reference import AlignmentReference
+from vllm_safeguard.testing.tiny import TinyLlamaSpec, make_tiny_llama, perturb_model
 
 
 @pytest.fixture(scope="session")

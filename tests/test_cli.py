@@ -6,9 +6,9 @@ import json
 
 from typer.testing import CliRunner
 
-from vllm_safeguard.adapter_io import load_adapter
-from vllm_safeguard.cli import app
-from vllm_safeguard.testing import write_random_adapter
+from vllm_safeguard.apps.cli import app
+from vllm_safeguard.core.adapter_io import load_adapter
+from vllm_safeguard.testing.tiny import write_random_adapter
 
 runner = CliRunner()
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vllm_safeguard.core.reference import TENSORS_NAME, AlignmentReference
 from vllm_safeguard.errors import ReferenceArtifactError
-from vllm_safeguard.reference import TENSORS_NAME, AlignmentReference
-from vllm_safeguard.testing import TinyLlamaSpec, make_tiny_llama
+from vllm_safeguard.testing.tiny import TinyLlamaSpec, make_tiny_llama
 
 
 def test_build_recovers_low_rank_delta(tiny_models, tiny_reference):

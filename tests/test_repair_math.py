@@ -7,14 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_safeguard.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.core.lowrank import refactorize
+from vllm_safeguard.core.reference import AlignmentReference, ModuleSubspace, ReferenceManifest
+from vllm_safeguard.core.risk import score_adapter
 from vllm_safeguard.errors import ConfigError, RepairError
-from vllm_safeguard.lowrank import refactorize
 from vllm_safeguard.methods import repair
 from vllm_safeguard.methods.nlsr import safety_neurons
-from vllm_safeguard.reference import AlignmentReference, ModuleSubspace, ReferenceManifest
-from vllm_safeguard.risk import score_adapter
-from vllm_safeguard.safegene import SafetyAdapter, SafetyManifest
+from vllm_safeguard.methods.safegene import SafetyAdapter, SafetyManifest
 
 NAMES = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
 settings.register_profile("repair", max_examples=40, deadline=None)
@@ -193,7 +193,13 @@ def test_safegene_adds_scaled_safety_delta(problem, coef):
         for n, m in ad.modules.items()
     }
     safety = SafetyAdapter(LoRAAdapter({"r": 2}, safety_mods), SafetyManifest(rank=2, layers=[0, 1]))
-    res = repair(ad, ref, "safegene", {"coefficients": {0: coef}, "default_max_rank": 64}, safety=safety)
+    res = repair(
+        ad,
+        ref,
+        "safegene",
+        {"coefficients": {0: coef}, "default_max_rank": 64},
+        artifacts={"safety_adapter": safety},
+    )
     for name, mod in ad.modules.items():
         c = coef if name.startswith("model.layers.0.") else 1.0
         expected = mod.delta() + c * safety_mods[name].delta()

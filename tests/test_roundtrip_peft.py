@@ -7,10 +7,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from vllm_safeguard.adapter_io import load_adapter, module_shapes_from_model_dir, save_adapter
+from vllm_safeguard.core.adapter_io import load_adapter, save_adapter
+from vllm_safeguard.core.model_files import module_shapes_from_model_dir
 from vllm_safeguard.methods import repair
-from vllm_safeguard.safegene import extract_safety_adapter
-from vllm_safeguard.testing import random_adapter
+from vllm_safeguard.methods.safegene import extract_safety_adapter
+from vllm_safeguard.testing.tiny import random_adapter
 
 
 @pytest.mark.parametrize("method", ["safelora", "nlsr", "safegene"])
@@ -22,7 +23,9 @@ def test_repaired_adapter_loads_in_peft(tmp_path, tiny_models, tiny_reference, t
     options = {"safelora": {"threshold": 0.9}, "nlsr": {"mode": "topk", "top_k_layers": 1}, "safegene": {}}[
         method
     ]
-    result = repair(adapter, tiny_reference, method, options, max_rank=8, safety=safety)
+    result = repair(
+        adapter, tiny_reference, method, options, max_rank=8, artifacts={"safety_adapter": safety}
+    )
     assert result.report.modules_touched > 0
     out = save_adapter(result.adapter, tmp_path / "repaired")
 

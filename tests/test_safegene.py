@@ -8,14 +8,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_safeguard.errors import ReferenceArtifactError
-from vllm_safeguard.safegene import (
+from vllm_safeguard.methods.safegene import (
     SafetyAdapter,
     extract_from_models,
     extract_safety_adapter,
     recalibrate,
     select_layers,
 )
-from vllm_safeguard.testing import random_adapter
+from vllm_safeguard.testing.tiny import random_adapter
 
 
 def test_extraction_from_adapters_equals_weight_difference(tmp_path, tiny_models, tiny_spec):

@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_safeguard.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, module_shapes_from_model_dir
+from vllm_safeguard.core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter
+from vllm_safeguard.core.model_files import module_shapes_from_model_dir
 from vllm_safeguard.errors import AdapterValidationError
-from vllm_safeguard.testing import TinyLlamaSpec, make_tiny_llama, write_random_adapter
+from vllm_safeguard.testing.tiny import TinyLlamaSpec, make_tiny_llama, write_random_adapter
 
 SPEC = TinyLlamaSpec()
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"

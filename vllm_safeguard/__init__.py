@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__", "register"]
 
 
 def register() -> None:
     """``vllm.general_plugins`` entry point. Runs in every vLLM process; idempotent, cheap."""
-    from .plugin import register as _register
+    from .integration.plugin import register as _register
 
     _register()

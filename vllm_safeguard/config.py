@@ -33,15 +33,13 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .methods import METHODS, parse_options
 
 logger = logging.getLogger("vllm_safeguard")
 
 ENV_PREFIX = "SAFEGUARD_"
 CONFIG_FILE_ENV = "SAFEGUARD_CONFIG_FILE"
 ADDITIONAL_CONFIG_KEY = "safeguard"
-# Method names the config accepts. "translator" is reserved for the method another issue adds; the
-# pipeline checks the method is actually registered before the first repair and refuses otherwise.
-KNOWN_METHODS = ("safelora", "nlsr", "safegene", "translator")
 # SAFEGUARD_* variables that belong to other parts of the project, not to this model.
 _FOREIGN_ENV = {CONFIG_FILE_ENV}
 
@@ -63,7 +61,7 @@ class SafeguardConfig(BaseModel):
     )
     method: str = Field(
         "safelora",
-        description=f"Repair method applied to adapters at or above the risk threshold: one of {KNOWN_METHODS}.",
+        description=f"Repair method applied to adapters at or above the risk threshold: one of {tuple(METHODS)}.",
     )
     method_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -73,7 +71,7 @@ class SafeguardConfig(BaseModel):
         0.0,
         ge=0.0,
         description=(
-            "Adapters whose risk score (worst module, see vllm_safeguard.risk: 1 = cancels that module's "
+            "Adapters whose risk score (worst module, see vllm_safeguard.core.risk: 1 = cancels that module's "
             "alignment delta exactly, unbounded above) is below this pass (canonicalized, unrepaired); at or "
             "above it the method must bring the score below it (and below max_served_risk), else the "
             "adapter is refused (refused_unrepairable). 0 runs the method on every adapter."
@@ -222,8 +220,8 @@ class SafeguardConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in KNOWN_METHODS:
-            raise ValueError(f"unknown method {v!r}; choose one of {list(KNOWN_METHODS)}")
+        if v not in METHODS:  # the registry (vllm_safeguard.methods), so registered methods are accepted
+            raise ValueError(f"unknown method {v!r}; choose one of {list(METHODS)}")
         return v
 
     @field_validator("default_alpha", "base_request_alpha", "alpha_min", "alpha_max")
@@ -253,8 +251,6 @@ class SafeguardConfig(BaseModel):
     @classmethod
     def _options_fit_method(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         # Refused here, at startup, rather than at every adapter load (each would be refused).
-        from .methods import parse_options
-
         method = info.data.get("method")
         if method is not None:  # else 'method' itself failed and is reported
             try:

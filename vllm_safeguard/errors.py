@@ -76,3 +76,50 @@ def relocated(error: AdapterValidationError, staged: str, source: str) -> Adapte
     return AdapterValidationError(
         error.problem, file=file, key=error.key, value=error.value, has_value=error.has_value
     )
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+# Refusals cross two process boundaries as plain strings (worker -> engine core -> API server), so the
+# API-server patch recognises ours by these delimiters and returns the text between them as a 4xx.
+REFUSAL_START = "[vllm-safeguard] "
+REFUSAL_END = " [/vllm-safeguard]"
+
+# Refusal kinds (the metrics' outcome label is "refused_<kind>").
+REFUSAL_KINDS = ("invalid", "uncovered", "unrepairable", "error")
+
+
+def refusal_kind(error: BaseException) -> str:
+    """``invalid`` (bad or unbounded input, or what vLLM would refuse), ``uncovered`` (a module nothing
+    can score), ``unrepairable`` (risky and not repaired below the threshold), else ``error``."""
+    if isinstance(error, AdapterValidationError):
+        return "invalid"
+    if isinstance(error, CoverageError):
+        return "uncovered"
+    if isinstance(error, UnrepairableError):
+        return "unrepairable"
+    return "error"
+
+
+class AdapterRefused(SafeguardError):
+    """An adapter was refused (fail-closed). ``str()`` is delimited for the API-server patch."""
+
+    def __init__(self, adapter_name: str, reason: str, kind: str = "error") -> None:
+        self.adapter_name = adapter_name
+        self.reason = reason
+        self.kind = kind
+        super().__init__(f"{REFUSAL_START}adapter {adapter_name!r} refused ({kind}): {reason}{REFUSAL_END}")
+
+
+def refusal_text(message: str) -> str | None:
+    """Our refusal text inside a (possibly wrapped) error message, or None if it is not ours."""
+    start = message.find(REFUSAL_START)
+    if start < 0:
+        return None
+    body = message[start + len(REFUSAL_START) :]
+    end = body.find(REFUSAL_END)
+    return (body if end < 0 else body[:end]).strip()
+
+
+class SafetyPathError(SafeguardError):
+    """The serving-time safety path cannot start (coverage, TP, unsupported platform or runner)."""

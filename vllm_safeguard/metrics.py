@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from . import __version__
+from .version import __version__
 
 OUTCOMES = (
     "repaired",

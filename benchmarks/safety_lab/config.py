@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vllm_safeguard.lab.train import Recipe
-from vllm_safeguard.translator.model import TranslatorConfig
+from benchmarks.safety_lab.train import Recipe
+from vllm_safeguard.methods.translator.model import TranslatorConfig
 
 DOMAIN_NAMES = ("arithmetic", "units", "weekday", "sorting")
 

@@ -4,7 +4,7 @@ A job is ``name -> (adapter folder or None, suite)``. Jobs that send ``safeguard
 and auto rows) run in an engine with the plugin on (``plugin``: its config and a key naming the
 artifacts it uses), through vLLM's LoRA path. Every other job measures an adapter exactly as given:
 its update is merged into the aligned weights in one engine without LoRA
-(:class:`~vllm_safeguard.evaluation.merged.MergedVLLMGenerator`), which costs the same at any rank;
+(:class:`~vllm_safeguard.integration.offline_engine.MergedVLLMGenerator`), which costs the same at any rank;
 on vLLM-CPU the LoRA path was ~3x the bare model at rank 8 and far worse at rank 32.
 """
 
@@ -18,9 +18,10 @@ from typing import Any
 
 from benchmarks.safety_lab.cache import file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import LabConfig
-from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, evaluate, make_generator, score
+from vllm_safeguard.evaluation.backends import make_generator
+from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, evaluate, score
 from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
-from vllm_safeguard.evaluation.merged import MergedVLLMGenerator
+from vllm_safeguard.integration.offline_engine import MergedVLLMGenerator
 
 Job = tuple[str | None, EvalSuite]
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.safety_lab import data as D
 from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import DOMAIN_NAMES, LabConfig, heldout_unsafe
-from vllm_safeguard.lab import data as D
 
 # Method names of the extra rows (the report labels them).
 TRANSLATOR_MODES = ("surgical", "aggressive", "moe")
@@ -59,8 +59,8 @@ def stage_translator(
     """Translator trained on the translator's pairs only (evaluation adapters never feed it);
     ``risk_weight`` comes from ``translator_cal.calibrate_risk_weight``."""
     from benchmarks.safety_lab.translator_cal import translator_pairs
-    from vllm_safeguard.adapter_io import load_adapter
-    from vllm_safeguard.translator import Translator, train_and_save
+    from vllm_safeguard.core.adapter_io import load_adapter
+    from vllm_safeguard.methods.translator import Translator, train_and_save
 
     pairs = translator_pairs(adapters)
     if not pairs:
@@ -122,7 +122,7 @@ def guard_sets(cfg: LabConfig, data: dict[str, Any]) -> dict[str, list[str]]:
 def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any], str]:
     """``(probe folder, held-out metrics, key)``; cached."""
 
-    from vllm_safeguard.guard.experiment import train_and_test
+    from benchmarks.safety_lab.guard_experiment import train_and_test
 
     sets = guard_sets(cfg, data)
     key = key_of("guard", file_hash(aligned), sets, cfg.guard_target_fpr)

@@ -35,17 +35,23 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from benchmarks.safety_lab import data as D
 from benchmarks.safety_lab import extras
 from benchmarks.safety_lab.cache import T0, cached_dir, cached_json, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.compare import carry_over, merged_vs_lora
 from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig, heldout_unsafe
 from benchmarks.safety_lab.eval_stage import removed_rows, stage_eval, suite_key
+from benchmarks.safety_lab.model_source import (
+    HARMBENCH_WHEEL,
+    SMOLLM2_WHEEL,
+    base_model_dir,
+    harmbench_csv_dir,
+)
+from benchmarks.safety_lab.train import SFTExample, train_full, train_lora
 from benchmarks.safety_lab.translator_cal import calibrate_risk_weight
-from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate, make_generator
+from vllm_safeguard.evaluation.backends import make_generator
+from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate
 from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
-from vllm_safeguard.lab import data as D
-from vllm_safeguard.lab.model_source import HARMBENCH_WHEEL, SMOLLM2_WHEEL, base_model_dir, harmbench_csv_dir
-from vllm_safeguard.lab.train import SFTExample, train_full, train_lora
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 METHODS = (
@@ -110,7 +116,7 @@ def stage_base_outputs(cfg: LabConfig, base_dir: Path, data: dict[str, Any]) -> 
         log("base outputs: starting vLLM on the base model")
         gen = make_generator(base_dir, backend="vllm", dtype=cfg.eval_dtype, max_lora_rank=8, max_loras=1)
         try:
-            from vllm_safeguard.evaluation.harness import GenRequest
+            from vllm_safeguard.evaluation.generation import GenRequest
 
             answers = gen.generate([GenRequest(p, None, cfg.benign_answer_tokens) for p in benign_train])
             ev = evaluate(gen, {"base": (None, suite)})["base"]
@@ -219,14 +225,14 @@ def stage_adapters(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> dict[
 
 def _methods_api() -> dict[str, Any] | None:
     try:
+        from vllm_safeguard.core.reference import AlignmentReference
         from vllm_safeguard.methods import repair
-        from vllm_safeguard.reference import AlignmentReference
     except Exception as e:  # the methods land in a separate change; the lab still reports the rest
         log(f"repair methods unavailable ({type(e).__name__}: {e}); repair rows will say so")
         return None
     api: dict[str, Any] = {"repair": repair, "AlignmentReference": AlignmentReference}
     try:
-        from vllm_safeguard import safegene
+        from vllm_safeguard.methods import safegene
 
         api["safegene"] = safegene
     except Exception as e:
@@ -269,7 +275,7 @@ def stage_safety(
     data: dict[str, Any],
 ) -> Any:
     """SafeGene's safety adapter from the EXTRACTION-seed unsafe adapters (never evaluation ones)."""
-    from vllm_safeguard.adapter_io import load_adapter
+    from vllm_safeguard.core.adapter_io import load_adapter
 
     sg = api["safegene"]
     extract = sorted(n for n, a in adapters.items() if a["role"] == "extract" and a["variant"] == "unsafe")
@@ -322,7 +328,7 @@ def stage_repairs(
     ``artifacts`` (when given) receives the folders and keys of the reference and safety adapter.
     """
     artifacts = {} if artifacts is None else artifacts
-    from vllm_safeguard.adapter_io import load_adapter, save_adapter
+    from vllm_safeguard.core.adapter_io import load_adapter, save_adapter
 
     out: dict[str, dict[str, Any]] = {}
     evals = sorted(n for n, a in adapters.items() if a["role"] == "eval")
@@ -355,7 +361,7 @@ def stage_repairs(
             sg_error = f"{type(e).__name__}: {e}"
             log(f"safegene safety adapter failed: {sg_error}\n{traceback.format_exc()}")
     else:
-        sg_error = "vllm_safeguard.safegene not available"
+        sg_error = "vllm_safeguard.methods.safegene not available"
     model_tok: tuple[Any, Any] | None = None
     curve = tuple(extras.curve_method(mode, t) for mode, t in cfg.translator_curve)
     for n in tqdm(evals, desc="repairs"):
@@ -392,14 +398,14 @@ def stage_repairs(
                     if m == "safegene":
                         if model_tok is None:
                             model_tok = _load_model(aligned)
-                        kwargs["safety"] = safety
+                        kwargs["artifacts"] = {"safety_adapter": safety}
                         kwargs["options"] = safegene_options(
                             cfg, api, model_tok, adapter, safety, info["domain"], data
                         )
                     # The serving rank bound (vLLM max_lora_rank); methods that grow the rank
                     # (NLSR, SafeGene) are refactorized to it, as the plugin would at load time.
                     if is_translator:
-                        kwargs["translator"] = translator
+                        kwargs["artifacts"] = {"translator": translator}
                         kwargs["options"] = extras.translator_options(m)
                     method = "translator" if is_translator else m
                     res = api["repair"](adapter, reference, method, max_rank=cfg.repair_max_rank, **kwargs)

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.safety_lab import data as D
 from benchmarks.safety_lab.cache import cached_json, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import LabConfig
 from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, evaluate
-from vllm_safeguard.lab import data as D
 
 FIDELITY_FLOOR = 0.9
 PAIR_ROLES = ("extract", "translator")
@@ -43,7 +43,7 @@ def translator_pairs(adapters: dict[str, dict[str, Any]]) -> list[tuple[str, str
 def train_quietly(cfg: LabConfig, data: Any, risk_weight: float) -> Any:
     """The lab's translator trained on ``data`` (a ``PairDataset``) at ``risk_weight``, no progress
     bars: what each calibration fold and the routing-headroom script train."""
-    from vllm_safeguard.translator import train_translator
+    from vllm_safeguard.methods.translator import train_translator
 
     model, _ = train_translator(
         data,
@@ -90,10 +90,10 @@ def calibrate_risk_weight(
     build_missing: bool = True,
 ) -> dict[str, Any] | None:
     """The calibration result (cached); None when it is not cached and ``build_missing`` is False."""
-    from vllm_safeguard.adapter_io import load_adapter, save_adapter
-    from vllm_safeguard.evaluation.merged import MergedVLLMGenerator
+    from vllm_safeguard.core.adapter_io import load_adapter, save_adapter
+    from vllm_safeguard.integration.offline_engine import MergedVLLMGenerator
     from vllm_safeguard.methods import repair
-    from vllm_safeguard.translator import build_dataset
+    from vllm_safeguard.methods.translator import build_dataset
 
     pairs = translator_pairs(adapters)
     tcfg = cfg.translator_config()
@@ -137,7 +137,7 @@ def calibrate_risk_weight(
                             "translator",
                             {"mode": "moe"},
                             max_rank=cfg.repair_max_rank,
-                            translator=model,
+                            artifacts={"translator": model},
                         )
                         folder = save_adapter(res.adapter, tmp / f"{u}-w{w:g}")
                         jobs[f"{u}|w{w:g}"] = (str(folder), suite)
@@ -157,8 +157,8 @@ def calibrate_risk_weight(
         sweep: dict[str, dict[str, float]] = {}
         for w in cfg.translator_risk_sweep:
             k_asr = n_asr = k_acc = k_ref = 0
-            for held, _ in pairs:
-                r, ref = results[f"{held}|w{w:g}"], results[f"{held}|none"]
+            for unsafe, _ in pairs:
+                r, ref = results[f"{unsafe}|w{w:g}"], results[f"{unsafe}|none"]
                 k_asr, n_asr = k_asr + r["asr"]["k"], n_asr + r["asr"]["n"]
                 k_acc, k_ref = k_acc + r["task_accuracy"]["k"], k_ref + ref["task_accuracy"]["k"]
             sweep[f"{w:g}"] = {"asr": k_asr / n_asr, "fidelity": k_acc / k_ref if k_ref else 0.0}

@@ -1,1 +1,1 @@
-"""Hostile adapter corpus (``attacks``) and fuzz harness for the untrusted-adapter parser."""
+"""Tests of the hostile adapter corpora (``vllm_safeguard.testing.attacks`` / ``.evasions``) and the fuzz harness for the untrusted-adapter parser."""

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_safeguard.adapter_io import module_shapes_from_model_dir
-from vllm_safeguard.testing import make_tiny_llama
+from vllm_safeguard.core.model_files import module_shapes_from_model_dir
+from vllm_safeguard.testing.tiny import make_tiny_llama
 
 
 @pytest.fixture(scope="session")

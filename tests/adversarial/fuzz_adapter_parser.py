@@ -1,4 +1,4 @@
-"""Fuzz harness for the untrusted-adapter parser/validator (``vllm_safeguard.adapter_io.load_adapter``).
+"""Fuzz harness for the untrusted-adapter parser/validator (``vllm_safeguard.core.adapter_io.load_adapter``).
 
 Property: whatever the bytes of ``adapter_config.json`` and ``adapter_model.safetensors``, the only
 exception that may escape ``load_adapter`` is :class:`AdapterValidationError`.
@@ -19,7 +19,8 @@ follow ``--``); ``--engine random`` feeds seeded random bytes and needs nothing 
 the executions count; failing inputs are written to ``--crash-dir`` and the exit status is 1.
 Replay one: ``python -m tests.adversarial.fuzz_adapter_parser --replay CRASH_FILE``.
 
-Nothing from ``vllm_safeguard`` is imported at module level so atheris can instrument it on import.
+Nothing from ``vllm_safeguard`` is imported at module level so atheris can instrument it on import (the
+seed adapter is built with the attack corpus's safetensors writer, :mod:`vllm_safeguard.testing.attacks`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ class Provider:
 def seed_parts() -> tuple[dict[str, Any], dict[str, Any], bytes]:
     """(config, safetensors header, data section) of a small valid adapter for :data:`BASE_SHAPES`."""
     import torch
-    from safetensors.torch import save as st_save
+
+    from vllm_safeguard.testing.attacks import split_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {}
@@ -195,8 +197,7 @@ def seed_parts() -> tuple[dict[str, Any], dict[str, Any], bytes]:
         out_f, in_f = BASE_SHAPES[m]
         tensors[f"base_model.model.{m}.lora_A.weight"] = torch.randn(RANK, in_f, generator=g) * 0.1
         tensors[f"base_model.model.{m}.lora_B.weight"] = torch.randn(out_f, RANK, generator=g) * 0.1
-    blob = st_save(tensors, metadata={"format": "pt"})
-    (n,) = struct.unpack("<Q", blob[:8])
+    header, data = split_safetensors(tensors)
     cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -207,7 +208,7 @@ def seed_parts() -> tuple[dict[str, Any], dict[str, Any], bytes]:
         "alpha_pattern": {},
         "use_rslora": False,
     }
-    return cfg, json.loads(blob[8 : 8 + n]), blob[8 + n :]
+    return cfg, header, data
 
 
 _SEED: tuple[dict[str, Any], dict[str, Any], bytes] | None = None
@@ -352,7 +353,7 @@ def run_one(data: bytes, folder: Path) -> bool:
 
     Any exception other than ``AdapterValidationError`` propagates (that is the bug being hunted).
     """
-    from vllm_safeguard.adapter_io import load_adapter
+    from vllm_safeguard.core.adapter_io import load_adapter
     from vllm_safeguard.errors import AdapterValidationError
 
     config, weights = mutate(data)
@@ -408,7 +409,7 @@ def fuzz_atheris(seconds: float, crash_dir: Path, extra: list[str]) -> None:  # 
     import atheris
 
     with atheris.instrument_imports(include=["vllm_safeguard"]):
-        import vllm_safeguard.adapter_io  # noqa: F401
+        import vllm_safeguard.core.adapter_io  # noqa: F401
 
     tmp = tempfile.mkdtemp(prefix="fuzz-adapter-")
     folder = Path(tmp) / "adapter"
@@ -429,7 +430,7 @@ def fuzz_atheris(seconds: float, crash_dir: Path, extra: list[str]) -> None:  # 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="fuzz vllm_safeguard.adapter_io.load_adapter")
+    ap = argparse.ArgumentParser(description="fuzz vllm_safeguard.core.adapter_io.load_adapter")
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto")
     ap.add_argument("--seed", type=int, default=0, help="random engine seed")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.adversarial import attacks
-from tests.adversarial.attacks import ATTACKS, FOLDER, Attack
-from vllm_safeguard.adapter_io import load_adapter
+from vllm_safeguard.core.adapter_io import load_adapter
 from vllm_safeguard.errors import AdapterValidationError
+from vllm_safeguard.testing import attacks
+from vllm_safeguard.testing.attacks import ATTACKS, FOLDER, Attack
 
 # Attacks whose refusal needs the base model's shapes (the rest are refused without them).
 NEEDS_BASE = {"wrong_shape_for_base", "module_does_not_exist", "zero_modules_matched", "other_base_model"}

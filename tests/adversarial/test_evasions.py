@@ -1,4 +1,4 @@
-"""Every evasion of the corpus (tests/adversarial/evasions.py) gets its outcome from SafeguardPipeline.
+"""Every evasion of the corpus (vllm_safeguard/testing/evasions/) gets its outcome from SafeguardPipeline.
 
 Runs on the tiny workspace without a server. For a refused case: the refusal kind and the reason. For an
 accepted case (passed or repaired), load-path integrity:
@@ -26,7 +26,14 @@ import torch
 from safetensors.torch import load_file
 
 import vllm_safeguard.methods as methods
-from tests.adversarial.evasions import (
+from vllm_safeguard.admission.canonical import canonical_tensors, same_update
+from vllm_safeguard.admission.pipeline import LoadOutcome, PipelineContext, SafeguardPipeline
+from vllm_safeguard.config import load_config
+from vllm_safeguard.core.adapter import LoRAAdapter
+from vllm_safeguard.core.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from vllm_safeguard.core.risk import score_adapter
+from vllm_safeguard.errors import SafeguardError, refusal_kind
+from vllm_safeguard.testing.evasions import (
     ACCEPTED,
     CLASSES,
     EVASIONS,
@@ -36,14 +43,7 @@ from tests.adversarial.evasions import (
     Evasion,
     EvasionContext,
 )
-from vllm_safeguard.adapter import LoRAAdapter
-from vllm_safeguard.adapter_io import CONFIG_NAME, WEIGHTS_NAME
-from vllm_safeguard.canonical import canonical_tensors, same_update
-from vllm_safeguard.config import load_config
-from vllm_safeguard.errors import SafeguardError
-from vllm_safeguard.pipeline import LoadOutcome, PipelineContext, SafeguardPipeline, refusal_kind
-from vllm_safeguard.risk import score_adapter
-from vllm_safeguard.workspace import Workspace, prepare_tiny_workspace
+from vllm_safeguard.testing.workspace import Workspace, prepare_tiny_workspace
 
 ACCEPTED_CASES = [e for e in EVASIONS if e.accepted]
 
@@ -253,7 +253,7 @@ def test_source_change_never_reaches_the_admitted_entry(
 
 
 def test_corpus_main_writes_every_case(ev_ws: Workspace, tmp_path: Path) -> None:
-    from tests.adversarial import evasions
+    from vllm_safeguard.testing import evasions
 
     out = tmp_path / "corpus"
     argv = [

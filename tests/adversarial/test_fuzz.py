@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.adversarial import fuzz_adapter_parser as fz
-from vllm_safeguard.adapter_io import load_adapter
+from vllm_safeguard.core.adapter_io import load_adapter
 
 # ~6 s of hypothesis (coverage of the decoder's branches, shrinking on failure) plus 12 s of seeded
 # random inputs, on 2 CPU cores.

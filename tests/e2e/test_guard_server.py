@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +27,13 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_safeguard.adapter_io import load_adapter, save_adapter
+from tests.e2e.offline_vllm import run_offline
+from vllm_safeguard.apps.serve import http_get
+from vllm_safeguard.core.adapter_io import load_adapter, save_adapter
 from vllm_safeguard.guard import last_token_states, train_guard
-from vllm_safeguard.punica_safety import merge_safety_into_adapter
-from vllm_safeguard.safegene import extract_safety_adapter
-from vllm_safeguard.serve import start_server
-from vllm_safeguard.workspace import prepare_tiny_workspace
+from vllm_safeguard.methods.safegene import extract_safety_adapter, merge_safety_into_adapter
+from vllm_safeguard.testing.server import launch_test_server, post_reply, server_env, vllm_server_argv
+from vllm_safeguard.testing.workspace import prepare_tiny_workspace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -50,21 +49,6 @@ def _prompts(words: list[str], n: int, seed: int) -> list[str]:
     return [" ".join([*rng.sample(FILL, 4), rng.choice(words), *rng.sample(FILL, 2)]) for _ in range(n)]
 
 
-def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=180) as r:
-            raw, status, headers = r.read().decode(), r.status, dict(r.headers)
-    except urllib.error.HTTPError as e:
-        raw, status, headers = e.read().decode(), e.code, dict(e.headers)
-    try:
-        return status, {k.lower(): v for k, v in headers.items()}, json.loads(raw)
-    except ValueError:
-        return status, headers, raw
-
-
 def _chat(url: str, prompt: str, xargs: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
     body = {
         "model": "tiny",
@@ -75,7 +59,8 @@ def _chat(url: str, prompt: str, xargs: dict[str, Any]) -> tuple[int, dict[str, 
         "return_token_ids": True,
         "vllm_xargs": xargs,
     }
-    return _post(url + "/v1/chat/completions", body)
+    r = post_reply(url + "/v1/chat/completions", body, timeout=180)
+    return r.status, r.headers, r.body
 
 
 @dataclass
@@ -125,9 +110,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
         for p in prompts
     ]
-    from tests.e2e.test_alpha_server import _run_script
-
-    env_off = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", SAFEGUARD_ENABLED="false")
+    env_off = server_env(safeguard={"enabled": "false"})
     spec = {
         "model": str(ws.base),
         "prompts": texts,
@@ -137,7 +120,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
             "safety_only": str(save_adapter(merge_safety_into_adapter(None, safety), root / "safety_only")),
         },
     }
-    expected = _run_script("offline_vllm.py", spec, root, "expected", env_off)
+    expected = run_offline(spec, root, "expected", env_off)
     assert expected["base"] != expected["safety_only"], "safety delta changes nothing: vacuous test"
 
     cfg = {
@@ -147,40 +130,15 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
         "risk_threshold": 0.5,
         "cache_dir": str(root / "cache"),
     }
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("SAFEGUARD_ENABLED", None)
-    argv = [
-        "--model",
-        str(ws.base),
-        "--served-model-name",
-        "tiny",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(PORT),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--enable-lora",
-        "--max-lora-rank",
-        "8",
-        "--max-loras",
-        "2",
-        "--seed",
-        "0",
-        "--additional-config",
-        json.dumps({"safeguard": cfg}),
-    ]
-    server = start_server(argv, env=env, log_path=root / "server.log", ready_timeout=420)
+    argv = vllm_server_argv(ws.base, port=PORT, additional_config=cfg)
+    server = launch_test_server(argv, env=server_env(), log_path=root / "server.log")
     sc = Scenario(probe, prompts, [], expected["base"])
     try:
         xargs = {"safeguard_alpha": "auto", "safeguard_return_score": True}
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:  # one mixed batch
             sc.served = list(pool.map(lambda p: _chat(server.url, p, xargs), prompts))
         sc.bad = _chat(server.url, prompts[0], {"safeguard_alpha": 1.0, "safeguard_return_score": True})
-        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
-            sc.metrics = r.read().decode()
+        sc.metrics = http_get(server.url + "/metrics", timeout=30)[1]
     finally:
         server.stop(timeout=60)
         sc.log = (root / "server.log").read_text(errors="replace")

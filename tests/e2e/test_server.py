@@ -13,28 +13,31 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("vllm")
 
+from tests.e2e.offline_vllm import run_offline
 from tests.e2e.server_log import engine_failures, split_at_shutdown
-from vllm_safeguard.adapter_io import load_adapter, save_adapter
-from vllm_safeguard.canonical import canonicalize
+from vllm_safeguard.admission.canonical import canonicalize
+from vllm_safeguard.apps.serve import ServerProcess, group_members, http_get
+from vllm_safeguard.core.adapter_io import load_adapter, save_adapter
+from vllm_safeguard.core.reference import AlignmentReference
 from vllm_safeguard.methods import repair
-from vllm_safeguard.reference import AlignmentReference
-from vllm_safeguard.serve import ServerProcess, group_members, http_get, start_server
-from vllm_safeguard.workspace import prepare_tiny_workspace, unsafe_adapter
+from vllm_safeguard.testing.server import (
+    complete,
+    launch_test_server,
+    metric,
+    post,
+    server_env,
+    vllm_server_argv,
+)
+from vllm_safeguard.testing.workspace import prepare_tiny_workspace, unsafe_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -47,32 +50,12 @@ METHOD_OPTIONS = {"neuron_fraction": 0.5}
 PORT = int(os.environ.get("SAFEGUARD_E2E_PORT", "8431"))
 
 
-def _post(url: str, body: dict[str, Any], timeout: float = 120) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read().decode()
-            status = r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read().decode(), e.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
+def _post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    return post(url, body)[:2]
 
 
 def _complete(url: str, model: str, prompt: str) -> tuple[int, Any]:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "return_token_ids": True,
-    }
-    return _post(url + "/v1/completions", body)
+    return complete(url, model, prompt, max_tokens=MAX_TOKENS, token_ids=True)
 
 
 def _token_ids(url: str, model: str) -> list[list[int]]:
@@ -82,16 +65,6 @@ def _token_ids(url: str, model: str) -> list[list[int]]:
         assert status == 200, body
         out.append(list(body["choices"][0]["token_ids"]))
     return out
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? ([0-9.e+-]+)$", text, re.M):
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(2))
-    return total
 
 
 @dataclass
@@ -127,60 +100,26 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Record:
         offline[f"{name}_repaired"] = str(save_adapter(res.adapter, root / "offline" / name))
         offline[f"{name}_raw"] = str(src)
     spec = {"model": str(ws.base), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "adapters": offline}
-    (root / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", SAFEGUARD_ENABLED="false")
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("offline_vllm.py")),
-            str(root / "spec.json"),
-            str(root / "out.json"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    rec = Record(expected=json.loads((root / "out.json").read_text()), layers_expected=layers)
+    expected = run_offline(spec, root, "spec", server_env(safeguard={"enabled": "false"}))
+    rec = Record(expected=expected, layers_expected=layers)
 
-    env = dict(
-        os.environ,
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-        SAFEGUARD_METHOD=METHOD,
-        SAFEGUARD_METHOD_OPTIONS=json.dumps(METHOD_OPTIONS),
-        SAFEGUARD_RISK_THRESHOLD=str(THRESHOLD),
-        SAFEGUARD_CACHE_DIR=str(root / "cache"),
+    env = server_env(
+        safeguard={
+            "method": METHOD,
+            "method_options": json.dumps(METHOD_OPTIONS),
+            "risk_threshold": str(THRESHOLD),
+            "cache_dir": str(root / "cache"),
+        },
+        runtime_lora_updating=True,
     )
-    env.pop("SAFEGUARD_ENABLED", None)
-    argv = [
-        "--model",
-        str(ws.base),
-        "--served-model-name",
-        "tiny",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(PORT),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--enable-lora",
-        "--max-lora-rank",
-        str(MAX_RANK),
-        "--max-loras",
-        "2",
-        "--max-cpu-loras",
-        "8",
-        "--seed",
-        "0",
-        "--lora-modules",
-        f"unsafe={ws.adapters['unsafe']}",
-        f"benign0={ws.adapters['benign0']}",
-    ]
-    server: ServerProcess = start_server(argv, env=env, log_path=root / "server.log", ready_timeout=420)
+    argv = vllm_server_argv(
+        ws.base,
+        port=PORT,
+        max_lora_rank=MAX_RANK,
+        max_cpu_loras=8,
+        lora_modules={"unsafe": ws.adapters["unsafe"], "benign0": ws.adapters["benign0"]},
+    )
+    server: ServerProcess = launch_test_server(argv, env=env, log_path=root / "server.log")
     try:
         url = server.url
         rec.served["unsafe"] = _token_ids(url, "unsafe")
@@ -236,7 +175,7 @@ def test_runtime_adapter_served_repaired(scenario: Record) -> None:
 def test_same_bytes_again_is_a_cache_hit(scenario: Record) -> None:
     assert scenario.responses["load_copy"][0] == 200
     assert scenario.served["unsafe2-copy"] == scenario.expected["unsafe2_repaired"]
-    assert _metric(scenario.metrics, "safeguard_cache_hits_total", model_name="tiny") == 1
+    assert metric(scenario.metrics, "safeguard_cache_hits_total", model_name="tiny") == 1
     assert "cache hit" in scenario.log
 
 
@@ -256,18 +195,18 @@ def test_metrics_on_vllm_metrics_endpoint(scenario: Record) -> None:
     assert "vllm:" in t  # it is vLLM's own /metrics
     loads = "safeguard_adapter_loads_total"
     # unsafe (static), unsafe2 (runtime), unsafe2-copy (hit) repaired; benign0 below the threshold.
-    assert _metric(t, loads, model_name="tiny", outcome="repaired", method=METHOD) == 3
-    assert _metric(t, loads, model_name="tiny", outcome="passed", method=METHOD) == 1
-    assert _metric(t, loads, model_name="tiny", outcome="refused_invalid", method=METHOD) == 1  # hostile
-    assert _metric(t, "safeguard_cache_lookups_total", model_name="tiny") == 4
-    assert _metric(t, "safeguard_cache_hits_total", model_name="tiny") == 1
-    assert _metric(t, "safeguard_layers_repaired_total", model_name="tiny") == scenario.layers_expected
-    assert _metric(t, "safeguard_repair_duration_seconds_count", model_name="tiny", cache="miss") == 3
-    assert _metric(t, "safeguard_repair_duration_seconds_count", model_name="tiny", cache="hit") == 1
-    assert _metric(t, "safeguard_adapter_risk_score_count", model_name="tiny") == 4
-    assert _metric(t, "safeguard_adapter_risk_score_bucket", model_name="tiny", le="0.1") == 1  # benign0
-    assert _metric(t, "safeguard_build_info", version="0.1.0") == 1
-    assert _metric(t, "safeguard_worker_active", model_name="tiny", method=METHOD) == 1
+    assert metric(t, loads, model_name="tiny", outcome="repaired", method=METHOD) == 3
+    assert metric(t, loads, model_name="tiny", outcome="passed", method=METHOD) == 1
+    assert metric(t, loads, model_name="tiny", outcome="refused_invalid", method=METHOD) == 1  # hostile
+    assert metric(t, "safeguard_cache_lookups_total", model_name="tiny") == 4
+    assert metric(t, "safeguard_cache_hits_total", model_name="tiny") == 1
+    assert metric(t, "safeguard_layers_repaired_total", model_name="tiny") == scenario.layers_expected
+    assert metric(t, "safeguard_repair_duration_seconds_count", model_name="tiny", cache="miss") == 3
+    assert metric(t, "safeguard_repair_duration_seconds_count", model_name="tiny", cache="hit") == 1
+    assert metric(t, "safeguard_adapter_risk_score_count", model_name="tiny") == 4
+    assert metric(t, "safeguard_adapter_risk_score_bucket", model_name="tiny", le="0.1") == 1  # benign0
+    assert metric(t, "safeguard_build_info", version="0.1.0") == 1
+    assert metric(t, "safeguard_worker_active", model_name="tiny", method=METHOD) == 1
 
 
 def test_server_shuts_down_cleanly(scenario: Record) -> None:

@@ -78,7 +78,7 @@ def test_shuffled_labels_do_not_generalise(states):
 def test_cli_guard_train(tmp_path, tiny_models):
     from typer.testing import CliRunner
 
-    from vllm_safeguard.cli import app
+    from vllm_safeguard.apps.cli import app
 
     (tmp_path / "harm.txt").write_text("\n".join(_prompts(HARM_WORDS, 20, 5)))
     (tmp_path / "ben.txt").write_text("\n".join(_prompts(BENIGN_WORDS, 20, 6)))

@@ -10,8 +10,8 @@ import torch
 
 from vllm_safeguard.alpha import AlphaPolicy, AlphaValueError, validate_extra_args, wants_auto, wants_score
 from vllm_safeguard.guard import GuardManifest, GuardProbe
-from vllm_safeguard.guard.http import collect_records
-from vllm_safeguard.guard.worker import GuardRuntime, record_name
+from vllm_safeguard.integration.guard_http import collect_records, record_name
+from vllm_safeguard.integration.guard_runner import GuardRuntime
 
 
 def _probe(hidden: int = 4, threshold: float = 0.5) -> GuardProbe:
@@ -92,7 +92,7 @@ def test_middleware_adds_headers(tmp_path, monkeypatch):
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from vllm_safeguard.guard import http
+    from vllm_safeguard.integration import guard_http as http
 
     monkeypatch.setenv(http.RUNTIME_ENV, str(tmp_path))
     (tmp_path / record_name("cmpl-42-0-abcd")).write_text(

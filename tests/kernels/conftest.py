@@ -22,10 +22,11 @@ if not torch.cuda.is_available():
 
 # If some earlier test module already imported the kernels compiled-mode, re-decorate them for the
 # interpreter (reload re-executes the module in the same namespace, so existing references to the
-# wrappers pick up the interpreted kernels too).
-_mod = sys.modules.get("kernels.fused_safety_lora")
-if _mod is not None and os.environ.get("TRITON_INTERPRET") == "1":
-    from triton.runtime.interpreter import InterpretedFunction
+# launchers pick up the interpreted kernels too).
+for _kernel in ("shrink", "expand"):
+    _mod = sys.modules.get(f"kernels.triton_ops.fused_safety_lora_{_kernel}")
+    if _mod is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime.interpreter import InterpretedFunction
 
-    if not isinstance(_mod._fused_shrink_kernel, InterpretedFunction):
-        importlib.reload(_mod)
+        if not isinstance(getattr(_mod, f"_fused_{_kernel}_kernel"), InterpretedFunction):
+            importlib.reload(_mod)

@@ -9,9 +9,13 @@ cartesian product.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,17 +27,13 @@ from kernels import (
     SafetyLoRAKernelMeta,
     ShrinkConfig,
     fused_safety_expand,
-    fused_safety_lora,
-    fused_safety_shrink,
-    make_safety_lora_meta,
-)
-from vllm_safeguard.ops import (
-    SafetyCoverageError,
-    SafetyDeltaSpec,
-    check_safety_coverage,
     fused_safety_expand_ref,
+    fused_safety_lora,
     fused_safety_lora_ref,
+    fused_safety_shrink,
     fused_safety_shrink_ref,
+    make_safety_lora_meta,
+    register_fused_safety_lora_op,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -61,6 +61,15 @@ class Case:
 
     def meta(self) -> SafetyLoRAKernelMeta:
         return make_safety_lora_meta(self.mapping, self.alpha, self.max_loras, DEVICE)
+
+    def weights(self, *, task: bool = True, safety: bool = True) -> tuple[list[torch.Tensor] | None, ...]:
+        """``(lora_a, lora_b, safety_a, safety_b)``, None for a part left out."""
+        return (
+            self.lora_a if task else None,
+            self.lora_b if task else None,
+            self.safety_a if safety else None,
+            self.safety_b if safety else None,
+        )
 
 
 def make_case(
@@ -113,16 +122,9 @@ def make_case(
 def run_kernel(c: Case, *, safety: bool = True, task: bool = True, **kw) -> torch.Tensor:
     meta = c.meta()
     y = c.y.clone()
+    m = c.x.size(0)
     fused_safety_lora(
-        y,
-        c.x,
-        c.lora_a if task else None,
-        c.lora_b if task else None,
-        c.safety_a if safety else None,
-        c.safety_b if safety else None,
-        meta.token_alpha[: c.x.size(0)],
-        *meta.meta_args(c.x.size(0)),
-        **kw,
+        y, c.x, *c.weights(task=task, safety=safety), meta.token_alpha[:m], *meta.meta_args(m), **kw
     )
     return y
 
@@ -130,15 +132,7 @@ def run_kernel(c: Case, *, safety: bool = True, task: bool = True, **kw) -> torc
 def run_ref(c: Case, *, safety: bool = True, task: bool = True, **kw) -> torch.Tensor:
     y = c.y.clone()
     fused_safety_lora_ref(
-        y,
-        c.x,
-        c.lora_a if task else None,
-        c.lora_b if task else None,
-        c.safety_a if safety else None,
-        c.safety_b if safety else None,
-        c.alpha.to(DEVICE),
-        c.mapping.to(DEVICE),
-        **kw,
+        y, c.x, *c.weights(task=task, safety=safety), c.alpha.to(DEVICE), c.mapping.to(DEVICE), **kw
     )
     return y
 
@@ -273,16 +267,7 @@ def test_single_component(which: str) -> None:
     both = c.y.clone()
     for kw2 in ({"safety": False}, {"task": False}):
         meta = c.meta()
-        fused_safety_lora(
-            both,
-            c.x,
-            None if kw2.get("task") is False else c.lora_a,
-            None if kw2.get("task") is False else c.lora_b,
-            None if kw2.get("safety") is False else c.safety_a,
-            None if kw2.get("safety") is False else c.safety_b,
-            meta.token_alpha[:9],
-            *meta.meta_args(9),
-        )
+        fused_safety_lora(both, c.x, *c.weights(**kw2), meta.token_alpha[:9], *meta.meta_args(9))
     assert_close(both, run_kernel(c), TOL[torch.float32])
 
 
@@ -336,14 +321,14 @@ def test_vllm_4d_weights_and_unspecialized_grid() -> None:
 
 def test_early_exit_no_lora_alpha_zero(monkeypatch: pytest.MonkeyPatch) -> None:
     """No adapter anywhere and alpha 0 everywhere: no kernel launch at all, output untouched."""
-    mod = importlib.import_module("kernels.fused_safety_lora")
 
     class _NoLaunch:
         def __getitem__(self, grid: object) -> object:
             raise AssertionError("kernel launched although there is nothing to do")
 
-    monkeypatch.setattr(mod, "_fused_shrink_kernel", _NoLaunch())
-    monkeypatch.setattr(mod, "_fused_expand_kernel", _NoLaunch())
+    for kernel in ("shrink", "expand"):
+        mod = importlib.import_module(f"kernels.triton_ops.fused_safety_lora_{kernel}")
+        monkeypatch.setattr(mod, f"_fused_{kernel}_kernel", _NoLaunch())
     c = make_case(64, (32, 16), 8, 8, 5, mapping="none", alpha=0.0)
     meta = c.meta()
     assert bool(meta.skip_flag_cpu.item())
@@ -431,11 +416,66 @@ def test_task_part_matches_vllm_torch_ops() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Coverage check
+# Custom op and package boundaries
+# ------------------------------------------------------------------------------------------------
+
+
+def test_custom_op_schema_and_call() -> None:
+    """``torch.ops.safeguard.fused_safety_lora``: the schema the GPU punica wrapper calls positionally,
+    and bit for bit what ``fused_safety_lora`` computes."""
+    register_fused_safety_lora_op()
+    register_fused_safety_lora_op()  # idempotent
+    op = torch.ops.safeguard.fused_safety_lora
+    assert str(op.default._schema) == (
+        "safeguard::fused_safety_lora(Tensor(a0!) y, Tensor x, Tensor[] lora_a_stacked, "
+        "Tensor[] lora_b_stacked, Tensor[] safety_a, Tensor[] safety_b, Tensor token_alpha, "
+        "Tensor token_lora_mapping, Tensor token_indices_sorted_by_lora_ids, Tensor num_tokens_per_lora, "
+        "Tensor lora_token_start_loc, Tensor lora_ids, Tensor skip_flag_cpu, Tensor num_active_groups, "
+        "float scaling, bool add_inputs) -> ()"
+    )
+    c = make_case(97, (48, 16, 16), 8, 8, 9, seed=4)
+    meta = c.meta()
+    for add in (True, False):
+        y = c.y.clone()
+        op(y, c.x, *c.weights(), meta.token_alpha, *meta.meta_args(9, False), 0.5, add)
+        torch.testing.assert_close(y, run_kernel(c, scaling=0.5, add_inputs=add), atol=0, rtol=0)
+
+
+def test_kernels_stand_alone() -> None:
+    """Nothing under kernels/ imports vLLM or vllm_safeguard, and the torch references import (and
+    run) where triton is missing; the Triton names then fail with ImportError, not silently."""
+    root = Path(__file__).resolve().parents[2]
+    for path in (root / "kernels").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not [n for n in names if n.split(".")[0] in ("vllm", "vllm_safeguard")], path
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "y = torch.zeros(2, 3)\n"
+        "kernels.fused_safety_lora_ref(y, torch.ones(2, 4), None, None, [torch.ones(1, 4)],"
+        " [torch.ones(3, 1)], torch.tensor([0.0, 1.0]), torch.tensor([-1, -1]))\n"
+        "assert y.tolist() == [[0.0] * 3, [4.0] * 3], y\n"
+        "try:\n    kernels.triton_ops.fused_safety_lora\nexcept ImportError:\n    pass\n"
+        "else:\n    raise AssertionError('triton names must need triton')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=root, timeout=300)
+
+
+# ------------------------------------------------------------------------------------------------
+# Coverage check (a serving check, not kernel maths: vllm_safeguard.integration.layer_table)
 # ------------------------------------------------------------------------------------------------
 
 
 def test_coverage_check() -> None:
+    from vllm_safeguard.integration.layer_table import (
+        SafetyCoverageError,
+        SafetyDeltaSpec,
+        check_safety_coverage,
+    )
+
     expected = [f"model.layers.{i}.self_attn.qkv_proj" for i in range(3)] + ["model.layers.0.mlp.down_proj"]
     assert check_safety_coverage(expected, [*expected, "extra"]) == sorted(expected)
     with pytest.raises(SafetyCoverageError, match=r"covers 3 of 4 .*down_proj"):

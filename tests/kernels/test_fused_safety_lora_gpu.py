@@ -3,7 +3,7 @@ alpha 0 with the compiled kernels, and CUDA-graph capture with alphas updated in
 
 Skipped without CUDA, and under ``TRITON_INTERPRET=1`` (the interpreter suite is
 ``test_fused_safety_lora.py``). No timing assertions here; timings live in
-``benchmarks/bench_kernels.py``.
+``benchmarks/bench_fused_safety_lora.py``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ import os
 import pytest
 import torch
 
-from kernels import ShrinkConfig, fused_safety_lora, make_safety_lora_meta
-from kernels.fused_safety_lora import SafetyLoRAKernelMeta
-from vllm_safeguard.ops import fused_safety_lora_ref
+from kernels import (
+    SafetyLoRAKernelMeta,
+    ShrinkConfig,
+    fused_safety_lora,
+    fused_safety_lora_ref,
+    make_safety_lora_meta,
+)
 
 pytestmark = [
     pytest.mark.gpu,

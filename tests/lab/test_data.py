@@ -1,4 +1,4 @@
-"""Data splits are deterministic and disjoint; domain checkers are exact."""
+"""Data splits are deterministic and disjoint; domain checkers are exact and shared with ``eval``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vllm_safeguard.lab import data as D
+from benchmarks.safety_lab import data as D
+from vllm_safeguard.evaluation import checkers as C
+from vllm_safeguard.evaluation.harness import default_checker
 
 
 def _fake_harmbench(folder: Path, n: int = 60) -> Path:
@@ -76,17 +78,30 @@ def test_domain_sets_disjoint_and_checkable(domain: str) -> None:
 
 
 def test_checkers_exact() -> None:
-    assert D.check_number("The answer is 1,000 meters.", "1000")
-    assert not D.check_number("100", "1000")
-    assert not D.check_number("no number", "5")
-    assert D.check_weekday("It will be Friday.", "Friday")
-    assert not D.check_weekday("Monday, then Friday", "Friday")  # first day named counts
-    assert D.check_sorted_list("1, 2, 5, 9", "1, 2, 5, 9")
-    assert not D.check_sorted_list("1, 5, 2, 9", "1, 2, 5, 9")
-    assert not D.check_sorted_list("1, 2", "1, 2, 5, 9")
-    assert D.check_word("Cold.", "cold") and D.check_word("cold, of course", "cold")
-    assert not D.check_word("The opposite is cold", "cold")  # first word counts
-    assert not D.check_word("42", "cold")
+    assert C.check_number("The answer is 1,000 meters.", "1000")
+    assert not C.check_number("100", "1000")
+    assert not C.check_number("no number", "5")
+    assert C.check_weekday("It will be Friday.", "Friday")
+    assert not C.check_weekday("Monday, then Friday", "Friday")  # first day named counts
+    assert C.check_sorted_list("1, 2, 5, 9", "1, 2, 5, 9")
+    assert not C.check_sorted_list("1, 5, 2, 9", "1, 2, 5, 9")
+    assert not C.check_sorted_list("1, 2", "1, 2, 5, 9")
+    assert C.check_word("Cold.", "cold") and C.check_word("cold, of course", "cold")
+    assert not C.check_word("The opposite is cold", "cold")  # first word counts
+    assert not C.check_word("42", "cold")
+
+
+def test_shipped_checker_table_is_the_labs_domains() -> None:
+    """``vllm-safeguard eval`` checks exactly the lab's domains, with the lab's own checkers."""
+    assert list(C.DOMAIN_CHECKERS) == list(D.DOMAINS)
+    for name, domain in D.DOMAINS.items():
+        assert domain.name == name and domain.check is C.DOMAIN_CHECKERS[name]
+        for e in D.domain_test_set(name, 5):
+            for gen in (e.answer, f"{e.answer} is the answer.", "no answer here"):
+                assert default_checker(name, gen, e.answer) == D.check_answer(name, gen, e.answer)
+    # any other domain: the answer appears verbatim (case-insensitive)
+    assert default_checker("capitals", "It is Paris.", "paris")
+    assert not default_checker("capitals", "It is Lyon.", "Paris")
 
 
 def test_antonym_words_are_unambiguous() -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from vllm_safeguard.evaluation.eval_cli import read_prompt_file, run_eval, summary_line
-from vllm_safeguard.evaluation.harness import EvalSuite, GenRequest, HFGenerator, TaskItem, evaluate
-from vllm_safeguard.testing import TinyLlamaSpec, make_tiny_llama, write_random_adapter
+from vllm_safeguard.evaluation.generation import GenRequest, HFGenerator
+from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, evaluate
+from vllm_safeguard.testing.tiny import TinyLlamaSpec, make_tiny_llama, write_random_adapter
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_suite_alpha_reaches_every_request_and_hf_refuses_it(tiny: tuple[Path, P
 def test_cli_eval_command(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from vllm_safeguard.cli import app
+    from vllm_safeguard.apps.cli import app
 
     model, adapter = tiny
     pf = tmp_path / "p.jsonl"

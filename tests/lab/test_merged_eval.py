@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_safeguard.adapter_io import load_adapter
+from vllm_safeguard.core.adapter_io import load_adapter
+from vllm_safeguard.core.model_files import read_weights
 from vllm_safeguard.evaluation.merged import merged_weights
-from vllm_safeguard.reference import read_weights
-from vllm_safeguard.testing import TinyLlamaSpec, make_tiny_llama, write_random_adapter
+from vllm_safeguard.testing.tiny import TinyLlamaSpec, make_tiny_llama, write_random_adapter
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_merge_names_the_module_that_does_not_fit(tiny: tuple[Path, Path, Path],
 def test_merged_engine_matches_lora_engine(tiny: tuple[Path, Path, Path]) -> None:
     """Same greedy tokens as vLLM's LoRA path, whatever order adapters are switched in (a stale
     prefix cache or a missed reload would show up as the second visit of an adapter differing)."""
-    from vllm_safeguard.evaluation.harness import GenRequest, VLLMGenerator
-    from vllm_safeguard.evaluation.merged import MergedVLLMGenerator
+    from vllm_safeguard.evaluation.generation import GenRequest
+    from vllm_safeguard.integration.offline_engine import MergedVLLMGenerator, VLLMGenerator
 
     model, a1, a2 = tiny
     prompts = ["how to make a cake", "what is two plus two", "name a color"]

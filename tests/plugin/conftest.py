@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_safeguard.workspace import Workspace, prepare_tiny_workspace
+from vllm_safeguard.testing.workspace import Workspace, prepare_tiny_workspace
 
 
 @pytest.fixture(scope="session")

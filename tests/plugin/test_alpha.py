@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_safeguard.adapter import LoRAAdapter, LoRAModule
 from vllm_safeguard.alpha import (
     ALPHA_KEY,
     AlphaPolicy,
@@ -21,6 +20,7 @@ from vllm_safeguard.alpha import (
     resolve_request_alpha,
 )
 from vllm_safeguard.config import load_config
+from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
 from vllm_safeguard.errors import ConfigError
 
 POLICY = AlphaPolicy(enabled=True, default=1.0, base_default=0.0, lo=0.0, hi=1.0)
@@ -74,11 +74,12 @@ def test_resolve_defaults_and_invalid_fallback() -> None:
 def test_validator_entry_point_rejects_and_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     from vllm_safeguard import alpha
+    from vllm_safeguard.integration.alpha_validator import SafeguardAlphaValidator
 
     monkeypatch.setenv("SAFEGUARD_ALPHA_ENABLED", "true")
     alpha.set_frontend_additional_config({"safeguard": {"alpha_max": 2.0}})
     try:
-        v = alpha.SafeguardAlphaValidator
+        v = SafeguardAlphaValidator
         v.validate_params(SimpleNamespace(extra_args=None))
         v.validate_params(SimpleNamespace(extra_args={ALPHA_KEY: 1.5}))  # --additional-config range
         with pytest.raises(ValueError, match=r"safeguard_alpha.*\[0, 2\]"):
@@ -129,7 +130,7 @@ def _wrapper_and_layer(seed: int = 0) -> tuple[Any, Any, tuple[torch.Tensor, ...
     from vllm.lora.layers import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from vllm_safeguard.punica_safety import SafeguardPunicaWrapperCPU
+    from vllm_safeguard.integration.punica_wrapper.punica_cpu import SafeguardPunicaWrapperCPU
 
     g = torch.Generator().manual_seed(seed)
     # One spare zero slot: vLLM's CPU ops index the stacked weights with -1 for base-model tokens.
@@ -155,7 +156,7 @@ def _safety(seed: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def test_cpu_wrapper_matches_dense() -> None:
-    from vllm_safeguard.punica_safety import LayerSafety
+    from vllm_safeguard.integration.layer_table import LayerSafety
 
     ours, _, a, b = _wrapper_and_layer()
     sa, sb = _safety()
@@ -182,7 +183,7 @@ def test_cpu_wrapper_matches_dense() -> None:
 
 
 def test_cpu_wrapper_alpha_zero_and_uncovered_layers_are_bit_identical() -> None:
-    from vllm_safeguard.punica_safety import LayerSafety
+    from vllm_safeguard.integration.layer_table import LayerSafety
 
     ours, plain, a, b = _wrapper_and_layer()
     sa, sb = _safety()
@@ -266,7 +267,7 @@ def test_alpha_buffer_updated_in_place_and_tail_cleared() -> None:
 
 
 def _fake_safety(layers: list[int], kinds: list[str], rank: int = 2) -> Any:
-    from vllm_safeguard.safegene import SafetyAdapter, SafetyManifest
+    from vllm_safeguard.methods.safegene import SafetyAdapter, SafetyManifest
 
     shapes = {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 32}
     mods = {}
@@ -292,7 +293,7 @@ PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
 
 def test_layer_table_maps_packed_slices() -> None:
-    from vllm_safeguard.punica_safety import build_layer_safety
+    from vllm_safeguard.integration.layer_table import build_layer_safety
 
     safety = _fake_safety([0, 1], ["q_proj", "k_proj", "v_proj", "o_proj"])
     layers = _fake_layers()
@@ -305,8 +306,7 @@ def test_layer_table_maps_packed_slices() -> None:
 
 
 def test_layer_table_fails_loudly_on_partial_coverage() -> None:
-    from vllm_safeguard.ops import SafetyCoverageError
-    from vllm_safeguard.punica_safety import build_layer_safety
+    from vllm_safeguard.integration.layer_table import SafetyCoverageError, build_layer_safety
 
     with pytest.raises(SafetyCoverageError, match="covers 2 of 4"):
         build_layer_safety(_fake_layers(), PACKED, _fake_safety([0, 1], ["q_proj", "v_proj", "o_proj"]))
@@ -343,7 +343,7 @@ def _req(alpha: Any = None, lora_id: int | None = 1) -> Any:
 
 def test_filler_per_token_alpha_defaults_and_table() -> None:
     pytest.importorskip("vllm")
-    from vllm_safeguard.punica_safety import TokenAlphaFiller
+    from vllm_safeguard.integration.alpha_runner import TokenAlphaFiller
 
     sink = _Sink()
     filler = TokenAlphaFiller([sink], POLICY)  # type: ignore[list-item]
@@ -357,7 +357,7 @@ def test_filler_per_token_alpha_defaults_and_table() -> None:
 
 
 def test_guard_decision_updates_table_and_current_step() -> None:
-    from vllm_safeguard.punica_safety import TokenAlphaFiller
+    from vllm_safeguard.integration.alpha_runner import TokenAlphaFiller
 
     ours, _, _, _ = _wrapper_and_layer()
     filler = TokenAlphaFiller([ours], POLICY)

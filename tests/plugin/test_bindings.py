@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_safeguard.bindings import binding_file, binding_problem, publish_binding
+from vllm_safeguard.admission.bindings import binding_file, binding_problem, publish_binding
 
 
 def test_binding_round_trip_and_loss(tmp_path: Path) -> None:
@@ -32,7 +32,7 @@ def test_input_processor_refuses_a_request_whose_copy_is_gone(tmp_path: Path) ->
     from vllm.exceptions import VLLMValidationError
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.vllm_patches import _wrap_validate_lora
+    from vllm_safeguard.integration.monkey_patch import _wrap_validate_lora
 
     calls: list[object] = []
     validate = _wrap_validate_lora(lambda self, req: calls.append(req))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_safeguard.cache import CacheError, RepairCache, make_key
+from vllm_safeguard.admission.cache import CacheError, RepairCache, make_key
 
 
 def _build(cache: RepairCache, payload: bytes) -> Path:
@@ -62,7 +62,7 @@ def test_warm_hit_does_not_rehash(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     cache = RepairCache(tmp_path / "c")
     key = make_key("h", "h", {})
     cache.put(key, _build(cache, b"w" * 1000), {})
-    import vllm_safeguard.cache as cache_mod
+    import vllm_safeguard.admission.cache as cache_mod
 
     def boom(_p: object) -> str:
         raise AssertionError("hashed on a warm hit")

@@ -36,16 +36,16 @@ from vllm.lora.lora_model import LoRAModel
 from vllm.lora.peft_helper import PEFTHelper
 from vllm.model_executor.models.llama import LlamaForCausalLM
 
-from vllm_safeguard import adapter_io
-from vllm_safeguard.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, peft_key
-from vllm_safeguard.canonical import canonical_tensors
+from vllm_safeguard.admission.canonical import canonical_tensors
+from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
 from vllm_safeguard.config import SafeguardConfig, load_config
+from vllm_safeguard.core import adapter_io
+from vllm_safeguard.core.adapter_io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, peft_key
+from vllm_safeguard.core.reference import AlignmentReference
 from vllm_safeguard.errors import AdapterValidationError, CoverageError, UnrepairableError
-from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline
-from vllm_safeguard.reference import AlignmentReference
-from vllm_safeguard.testing import LLAMA_TARGETS
-from vllm_safeguard.worker_hook import _expected_modules
-from vllm_safeguard.workspace import VLLM_TINY_SPEC, Workspace
+from vllm_safeguard.integration.worker_hook import expected_modules as _expected_modules
+from vllm_safeguard.testing.tiny import LLAMA_TARGETS
+from vllm_safeguard.testing.workspace import VLLM_TINY_SPEC, Workspace
 
 # What vLLM's worker computes for Llama (WorkerLoRAManager._load_adapter): the LinearBase layer names
 # plus the model's embedding_modules, packed names expanded by LlamaForCausalLM.packed_modules_mapping.

@@ -20,17 +20,16 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tests.adversarial.attacks import PATH_ATTACKS, PathAttack
-from vllm_safeguard import config as config_mod
-from vllm_safeguard import limits
 from vllm_safeguard import methods as methods_mod
+from vllm_safeguard.admission import limits
+from vllm_safeguard.admission.limits import RepairTimeout, run_with_deadline
+from vllm_safeguard.admission.locks import NameLocks
+from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
 from vllm_safeguard.config import load_config
 from vllm_safeguard.errors import ConfigError
-from vllm_safeguard.limits import RepairTimeout, run_with_deadline
-from vllm_safeguard.locks import NameLocks
 from vllm_safeguard.methods import METHODS, Method, MethodOutput, register_method
-from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline
-from vllm_safeguard.workspace import Workspace
+from vllm_safeguard.testing.attacks import PATH_ATTACKS, PathAttack
+from vllm_safeguard.testing.workspace import Workspace
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -55,7 +54,7 @@ def vllm_config(ws: Workspace, cache_dir: Path, **safeguard: Any) -> SimpleNames
 
 def loader(manager: object, req: Any) -> SimpleNamespace:
     """Stand-in for vLLM's loader: reads what it is handed (must be the repaired copy)."""
-    from vllm_safeguard.adapter_io import load_adapter
+    from vllm_safeguard.core.adapter_io import load_adapter
 
     return SimpleNamespace(loras=dict.fromkeys(load_adapter(req.lora_path).modules))
 
@@ -105,8 +104,8 @@ def test_hook_refuses_path_attacks(
     attack: PathAttack, roots: Path, workspace: Workspace, tmp_path: Path
 ) -> None:
     pytest.importorskip("vllm")
-    from vllm_safeguard.pipeline import AdapterRefused
-    from vllm_safeguard.worker_hook import attach_worker, load_adapter_hook
+    from vllm_safeguard.errors import AdapterRefused
+    from vllm_safeguard.integration.worker_hook import attach_worker, load_adapter_hook
 
     if attack.symlink_target is not None:
         os.symlink(attack.symlink_target, roots / attack.request_path)
@@ -129,8 +128,8 @@ def test_hook_accepts_names_inside_the_roots(roots: Path, workspace: Workspace, 
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.pipeline import AdapterRefused
-    from vllm_safeguard.worker_hook import attach_worker, load_adapter_hook
+    from vllm_safeguard.errors import AdapterRefused
+    from vllm_safeguard.integration.worker_hook import attach_worker, load_adapter_hook
 
     cache = tmp_path / "cache"
     mgr = SimpleNamespace()
@@ -147,7 +146,8 @@ def test_api_server_refuses_outside_roots_before_the_engine(roots: Path, tmp_pat
     pytest.importorskip("vllm")
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
 
-    from vllm_safeguard.vllm_patches import _early_path_refusal, _unwrap
+    from vllm_safeguard.integration.api_server import early_path_refusal as _early_path_refusal
+    from vllm_safeguard.integration.patching import _unwrap
 
     original = _unwrap(OpenAIServingModels.load_lora_adapter)
     serving = SimpleNamespace(
@@ -223,7 +223,7 @@ def test_concurrent_threads_same_bytes_repair_once(
 
 def _process_loader(ws_root: str, cache: str, count_file: str, barrier: Any, out: Any) -> None:
     from vllm_safeguard import methods as m
-    from vllm_safeguard.workspace import prepare_tiny_workspace
+    from vllm_safeguard.testing.workspace import prepare_tiny_workspace
 
     ws = prepare_tiny_workspace(ws_root)  # complete already: reused
     real = m.repair
@@ -274,7 +274,6 @@ def test_method(
 
     def add(name: str, run: Callable[..., MethodOutput]) -> str:
         register_method(Method(name, _NoOptions, run))
-        monkeypatch.setattr(config_mod, "KNOWN_METHODS", (*config_mod.KNOWN_METHODS, name))
         added.append(name)
         return name
 
@@ -293,8 +292,8 @@ def test_repair_that_raises_is_refused_cleanly(
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.pipeline import AdapterRefused
-    from vllm_safeguard.worker_hook import attach_worker, load_adapter_hook
+    from vllm_safeguard.errors import AdapterRefused
+    from vllm_safeguard.integration.worker_hook import attach_worker, load_adapter_hook
 
     def boom(*a: Any, **k: Any) -> MethodOutput:
         raise RuntimeError("method exploded")
@@ -317,8 +316,8 @@ def test_repair_that_hangs_times_out_and_is_refused(
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.pipeline import AdapterRefused
-    from vllm_safeguard.worker_hook import attach_worker, load_adapter_hook
+    from vllm_safeguard.errors import AdapterRefused
+    from vllm_safeguard.integration.worker_hook import attach_worker, load_adapter_hook
 
     release = threading.Event()
 
@@ -426,7 +425,7 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from tests.plugin.test_hardening import make
-from vllm_safeguard.workspace import prepare_tiny_workspace
+from vllm_safeguard.testing.workspace import prepare_tiny_workspace
 ws = prepare_tiny_workspace({ws!r})
 p = make(ws, Path({cache!r}))
 def die(src, dst):  # every file of the entry is written and fsynced; the publishing rename is next
@@ -453,8 +452,8 @@ def test_process_killed_mid_write_leaves_no_half_entry(workspace: Workspace, tmp
 
 
 def test_symlink_escaping_one_root_is_refused_even_if_missing_in_another(tmp_path: Path) -> None:
+    from vllm_safeguard.admission.paths import contained_path
     from vllm_safeguard.errors import AdapterValidationError
-    from vllm_safeguard.paths import contained_path
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()

@@ -6,8 +6,8 @@ import json
 
 from prometheus_client import REGISTRY, generate_latest
 
-from vllm_safeguard import grafana
 from vllm_safeguard import metrics as m
+from vllm_safeguard.apps import grafana
 
 
 def test_issue_metric_names() -> None:
@@ -76,4 +76,4 @@ def test_dashboard_queries_only_existing_metrics() -> None:
 
 def test_committed_dashboard_is_up_to_date() -> None:
     on_disk = grafana.DEFAULT_OUT.read_text()
-    assert json.loads(on_disk) == grafana.build_dashboard(), "run: python -m vllm_safeguard.grafana"
+    assert json.loads(on_disk) == grafana.build_dashboard(), "run: python -m vllm_safeguard.apps.grafana"

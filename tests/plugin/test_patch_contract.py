@@ -14,7 +14,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_safeguard import vllm_patches as vp
+from vllm_safeguard.errors import refusal_text
+from vllm_safeguard.integration import monkey_patch
+from vllm_safeguard.integration import patching as vp
 
 EXPECTED = {
     "worker_lora_init",
@@ -36,7 +38,7 @@ def patched() -> Iterator[None]:
     import vllm.v1.engine.input_processor
     import vllm.v1.worker.lora_model_runner_mixin  # noqa: F401
 
-    from vllm_safeguard import plugin
+    from vllm_safeguard.integration import plugin
 
     plugin._registered = False
     plugin.register()
@@ -92,7 +94,7 @@ def test_register_is_idempotent_and_wrappers_delegate(patched: None) -> None:
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
-    from vllm_safeguard import plugin
+    from vllm_safeguard.integration import plugin
 
     for name in EXPECTED:
         assert vp.is_applied(name)
@@ -110,7 +112,7 @@ def test_register_is_cheap_and_defers_heavy_imports() -> None:
     code = (
         "import time, sys, vllm; t=time.perf_counter(); import vllm_safeguard; vllm_safeguard.register(); "
         "dt=time.perf_counter()-t; assert 'vllm.lora.worker_manager' not in sys.modules, 'eager import'; "
-        "import vllm.lora.worker_manager as wm; from vllm_safeguard import vllm_patches as vp; "
+        "import vllm.lora.worker_manager as wm; from vllm_safeguard.integration import patching as vp; "
         "assert vp.is_applied('worker_lora_load_adapter'); print(dt)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -119,20 +121,20 @@ def test_register_is_cheap_and_defers_heavy_imports() -> None:
 
 
 def test_refusal_text_survives_wrapping() -> None:
-    from vllm_safeguard.pipeline import AdapterRefused
+    from vllm_safeguard.errors import AdapterRefused
 
     msg = str(AdapterRefused("x", "bad header"))
     wrapped = (
         f"Call to add_lora method failed: Worker failed with error '{msg}', please check the stack trace"
     )
-    assert vp.refusal_text(wrapped) == "adapter 'x' refused (error): bad header"
-    assert vp.refusal_text("some other failure") is None
+    assert refusal_text(wrapped) == "adapter 'x' refused (error): bad header"
+    assert refusal_text("some other failure") is None
 
 
 async def _fake_original(self: object, request: object, base_model_name: str | None = None) -> object:
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    from vllm_safeguard.pipeline import AdapterRefused
+    from vllm_safeguard.errors import AdapterRefused
 
     if request == "ours":
         from http import HTTPStatus
@@ -148,7 +150,7 @@ async def _fake_original(self: object, request: object, base_model_name: str | N
 def test_serving_patch_turns_our_500_into_400() -> None:
     import asyncio
 
-    wrapper = vp._wrap_serving_load(_fake_original)
+    wrapper = monkey_patch._wrap_serving_load(_fake_original)
     res = asyncio.run(wrapper(None, "ours"))
     assert res.error.code == 400 and res.error.type == "BadRequestError"
     assert res.error.message == "vllm-safeguard: adapter 'x' refused (error): nope"
@@ -159,7 +161,7 @@ def test_runners_inherit_the_patched_lora_mixin_methods() -> None:
     # Not checkable at apply time (the runner modules are mid-import then), so checked here.
     from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
 
-    for target in vp.RUNNERS_USING_LORA_MIXIN:
+    for target in monkey_patch.RUNNERS_USING_LORA_MIXIN:
         mod, _, name = target.partition(":")
         cls = vp._resolve_holder(mod, name)
         assert issubclass(cls, LoRAModelRunnerMixin), target
@@ -180,23 +182,26 @@ def test_punica_selector_patch_only_swaps_when_asked(patched: None) -> None:
     from vllm.lora import model_manager
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    from vllm_safeguard import punica_safety
+    from vllm_safeguard.integration.punica_wrapper import selector
+    from vllm_safeguard.integration.punica_wrapper.punica_cpu import SafeguardPunicaWrapperCPU
 
     assert vp.is_applied("model_manager_get_punica_wrapper")
     kwargs = {"max_batches": 4, "device": "cpu", "lora_config": None}
     try:
-        punica_safety.request_safety_wrapper(False)
+        selector.request_safety_wrapper(False)
         w = model_manager.get_punica_wrapper(16, **kwargs)
         assert type(w) is PunicaWrapperCPU
-        punica_safety.request_safety_wrapper(True)
+        selector.request_safety_wrapper(True)
         w = model_manager.get_punica_wrapper(16, **kwargs)
-        assert isinstance(w, punica_safety.SafeguardPunicaWrapperCPU) and w.safeguard_alpha.numel() == 16
+        assert isinstance(w, SafeguardPunicaWrapperCPU) and w.safeguard_alpha.numel() == 16
     finally:
-        punica_safety.request_safety_wrapper(False)
+        selector.request_safety_wrapper(False)
 
 
 def test_set_active_loras_wrapper_fills_alpha_after_the_original() -> None:
     import numpy as np
+
+    from vllm_safeguard.integration.alpha_runner import FILLER_ATTR
 
     calls: list[str] = []
 
@@ -211,10 +216,10 @@ def test_set_active_loras_wrapper_fills_alpha_after_the_original() -> None:
 
     runner = type("R", (), {})()
     runner.requests = {}
-    wrapper = vp._wrap_set_active_loras(original)
+    wrapper = monkey_patch._wrap_set_active_loras(original)
     batch = type("B", (), {"req_ids": ["r1"]})()
     wrapper(runner, batch, np.array([3]))
     assert calls == ["original"]  # no filler: the alpha path is off, nothing else runs
-    setattr(runner, vp.ALPHA_FILLER_ATTR, Filler())
+    setattr(runner, FILLER_ATTR, Filler())
     wrapper(runner, batch, np.array([3]))
     assert calls[1:] == ["original", "fill ['r1']"]

@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_safeguard.adapter_io import load_adapter, save_adapter
-from vllm_safeguard.canonical import canonicalize
+from vllm_safeguard.admission.canonical import canonicalize
+from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
 from vllm_safeguard.config import load_config
+from vllm_safeguard.core.adapter_io import load_adapter, save_adapter
+from vllm_safeguard.core.artifacts import candidates
+from vllm_safeguard.core.reference import REFERENCE, AlignmentReference
+from vllm_safeguard.core.risk import score_adapter
 from vllm_safeguard.errors import (
     AdapterValidationError,
     CoverageError,
@@ -20,11 +24,8 @@ from vllm_safeguard.errors import (
     UnrepairableError,
 )
 from vllm_safeguard.methods import repair
-from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline, artifact_candidates
-from vllm_safeguard.reference import AlignmentReference
-from vllm_safeguard.risk import score_adapter
-from vllm_safeguard.testing import random_adapter
-from vllm_safeguard.workspace import VLLM_TINY_SPEC, Workspace
+from vllm_safeguard.testing.tiny import random_adapter
+from vllm_safeguard.testing.workspace import VLLM_TINY_SPEC, Workspace
 
 # NLSR with half of each module's output neurons transplanted: on the tiny workspace it brings the
 # unsafe adapter from risk 1.0 to ~0.03, below the threshold (its default 10% leaves 0.68: refused).
@@ -157,7 +158,7 @@ def test_adapter_matching_nothing_is_an_error(workspace: Workspace, cache_dir: P
 
 
 def test_wrong_shape_adapter_is_refused(workspace: Workspace, cache_dir: Path, tmp_path: Path) -> None:
-    from vllm_safeguard.testing import TinyLlamaSpec
+    from vllm_safeguard.testing.tiny import TinyLlamaSpec
 
     save_adapter(
         random_adapter(TinyLlamaSpec(hidden_size=32, num_attention_heads=1, num_key_value_heads=1), seed=1),
@@ -182,7 +183,7 @@ def test_missing_reference_is_reported_with_the_places_tried(workspace: Workspac
     )
     bare = tmp_path / "bare-model"
     bare.mkdir()
-    tried = artifact_candidates(cfg, "reference", "org/tiny", bare)
+    tried = candidates(REFERENCE, cfg, "org/tiny", bare)
     assert tried[0] == tmp_path / "art" / "org--tiny" / "reference"
     with pytest.raises(ReferenceArtifactError, match="org--tiny"):
         SafeguardPipeline.create(cfg, PipelineContext("org/tiny", bare, 8))
@@ -190,10 +191,10 @@ def test_missing_reference_is_reported_with_the_places_tried(workspace: Workspac
 
 def test_translator_method_in_the_pipeline(workspace: Workspace, cache_dir: Path) -> None:
     """Method 'translator': the artifact is located by config, used, and named in the report."""
-    from vllm_safeguard.adapter_io import load_adapter
-    from vllm_safeguard.reference import AlignmentReference
-    from vllm_safeguard.translator import Translator, TranslatorConfig, TranslatorManifest
-    from vllm_safeguard.translator.train import fit_bases
+    from vllm_safeguard.core.adapter_io import load_adapter
+    from vllm_safeguard.core.reference import AlignmentReference
+    from vllm_safeguard.methods.translator import Translator, TranslatorConfig, TranslatorManifest
+    from vllm_safeguard.methods.translator.train import fit_bases
 
     ref = AlignmentReference.load(workspace.reference)
     # A basis fitted to one (unsafe, benign) pair: enough for the pipeline to locate, apply and report.

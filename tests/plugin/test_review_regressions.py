@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_safeguard.adapter import LoRAAdapter, LoRAModule
-from vllm_safeguard.adapter_io import save_adapter
-from vllm_safeguard.canonical import canonicalize, update_norm
+from vllm_safeguard.admission.canonical import canonicalize, update_norm
+from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
 from vllm_safeguard.config import load_config
+from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.core.adapter_io import save_adapter
 from vllm_safeguard.errors import CoverageError, UnrepairableError
 from vllm_safeguard.methods import safelora
-from vllm_safeguard.pipeline import PipelineContext, SafeguardPipeline
-from vllm_safeguard.workspace import Workspace
+from vllm_safeguard.testing.workspace import Workspace
 
 NLSR = {"method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
 
@@ -83,7 +83,7 @@ def test_gram_rounding_below_zero_is_neither_nan_nor_complex() -> None:
 
 
 def _worker(ws: Workspace, cache_dir: Path, instance: str = "engine-1") -> SimpleNamespace:
-    from vllm_safeguard.worker_hook import attach_worker
+    from vllm_safeguard.integration.worker_hook import attach_worker
 
     mgr = SimpleNamespace()
     attach_worker(
@@ -103,7 +103,7 @@ class Loader:
         self.paths: list[str] = []
 
     def __call__(self, manager: object, req: Any) -> SimpleNamespace:
-        from vllm_safeguard.adapter_io import load_adapter
+        from vllm_safeguard.core.adapter_io import load_adapter
 
         self.paths.append(req.lora_path)
         return SimpleNamespace(loras=dict.fromkeys(load_adapter(req.lora_path).modules))
@@ -113,7 +113,7 @@ def test_load_inplace_admits_the_new_bytes(workspace: Workspace, cache_dir: Path
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.worker_hook import load_adapter_hook
+    from vllm_safeguard.integration.worker_hook import load_adapter_hook
 
     src = shutil.copytree(workspace.adapters["benign0"], tmp_path / "src")
     mgr, loader = _worker(workspace, cache_dir), Loader()
@@ -129,7 +129,7 @@ def test_tensor_parallel_workers_admit_once(workspace: Workspace, cache_dir: Pat
     pytest.importorskip("vllm")
     from vllm.lora.request import LoRARequest
 
-    from vllm_safeguard.worker_hook import load_adapter_hook
+    from vllm_safeguard.integration.worker_hook import load_adapter_hook
 
     src = shutil.copytree(workspace.adapters["benign0"], tmp_path / "src")
     rank0, rank1, loader = _worker(workspace, cache_dir), _worker(workspace, cache_dir), Loader()
@@ -146,7 +146,7 @@ def test_tensor_parallel_workers_admit_once(workspace: Workspace, cache_dir: Pat
 
 
 def test_embedding_lora_cannot_be_allowed(workspace: Workspace, cache_dir: Path, tmp_path: Path) -> None:
-    from vllm_safeguard.adapter_io import module_shapes_from_model_dir
+    from vllm_safeguard.core.model_files import module_shapes_from_model_dir
 
     out_f, in_f = module_shapes_from_model_dir(workspace.base)["model.embed_tokens"]
     emb = LoRAModule("model.embed_tokens", torch.randn(2, in_f) * 0.01, torch.randn(out_f, 2) * 0.01)

@@ -14,10 +14,9 @@ pytest.importorskip("vllm")
 from vllm.exceptions import LoRAAdapterNotFoundError
 from vllm.lora.request import LoRARequest
 
-from vllm_safeguard.pipeline import AdapterRefused
-from vllm_safeguard.vllm_patches import refusal_text
-from vllm_safeguard.worker_hook import STATE_ATTR, attach_worker, load_adapter_hook
-from vllm_safeguard.workspace import Workspace
+from vllm_safeguard.errors import AdapterRefused, refusal_text
+from vllm_safeguard.integration.worker_hook import STATE_ATTR, attach_worker, load_adapter_hook
+from vllm_safeguard.testing.workspace import Workspace
 
 
 def vllm_config(ws: Workspace, cache_dir: Path, **safeguard: Any) -> SimpleNamespace:
@@ -39,7 +38,7 @@ class Loader:
 
     def __call__(self, manager: object, req: LoRARequest) -> SimpleNamespace:
         self.paths.append(req.lora_path)
-        from vllm_safeguard.adapter_io import load_adapter
+        from vllm_safeguard.core.adapter_io import load_adapter
 
         n = self.modules if self.modules is not None else len(load_adapter(req.lora_path).modules)
         return SimpleNamespace(loras={f"m{i}": None for i in range(n)})

@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_safeguard.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
+from vllm_safeguard.core.risk import score_adapter
 from vllm_safeguard.errors import ConfigError, ReferenceArtifactError, RepairError
 from vllm_safeguard.methods import repair
-from vllm_safeguard.risk import score_adapter
-from vllm_safeguard.testing import random_adapter
-from vllm_safeguard.translator import (
+from vllm_safeguard.methods.translator import (
     Translator,
     TranslatorConfig,
     TranslatorManifest,
     build_dataset,
     train_translator,
 )
-from vllm_safeguard.translator.representation import apply_shrink, fit_basis, optimal_shrink
-from vllm_safeguard.translator.train import fit_bases
+from vllm_safeguard.methods.translator.representation import apply_shrink, fit_basis, optimal_shrink
+from vllm_safeguard.methods.translator.train import fit_bases
+from vllm_safeguard.testing.tiny import random_adapter
 
 
 def _unsafe_variant(safe: LoRAAdapter, reference, strength: float, seed: int) -> LoRAAdapter:
@@ -56,7 +56,7 @@ def _untrained(pairs, **kw) -> Translator:
 
 def test_forward_validity_and_routing_sums_to_one(tiny_reference, pairs):
     model = _untrained(pairs)
-    res = repair(pairs[0][0], tiny_reference, "translator", max_rank=8, translator=model)
+    res = repair(pairs[0][0], tiny_reference, "translator", max_rank=8, artifacts={"translator": model})
     assert res.report.modules_touched == len(pairs[0][0].modules)
     for name, mod in res.adapter.modules.items():
         src = pairs[0][0].modules[name]
@@ -72,7 +72,12 @@ def test_untrained_translator_is_identity(tiny_reference, pairs):
     """Zero-initialised expert heads: before training the edit is exactly nothing (g = 0)."""
     model = _untrained(pairs)
     res = repair(
-        pairs[0][0], tiny_reference, "translator", {"mode": "surgical"}, max_rank=64, translator=model
+        pairs[0][0],
+        tiny_reference,
+        "translator",
+        {"mode": "surgical"},
+        max_rank=64,
+        artifacts={"translator": model},
     )
     for name, mod in pairs[0][0].modules.items():
         assert torch.allclose(res.adapter.modules[name].delta(), mod.delta(), atol=1e-5)
@@ -84,7 +89,7 @@ def test_training_reduces_loss_and_repairs_held_out_pairs(trained, pairs, tiny_r
         assert losses[-1] < losses[0]
     for unsafe, safe in pairs[6:]:  # never seen in training
         before = score_adapter(unsafe, tiny_reference).score
-        res = repair(unsafe, tiny_reference, "translator", max_rank=16, translator=model)
+        res = repair(unsafe, tiny_reference, "translator", max_rank=16, artifacts={"translator": model})
         after = score_adapter(res.adapter, tiny_reference).score
         assert before > 0.5 and after < 0.5 * before
         # fidelity: the translated update is closer to the matched safe adapter than the unsafe one was
@@ -98,7 +103,7 @@ def test_training_reduces_loss_and_repairs_held_out_pairs(trained, pairs, tiny_r
 
 
 def test_cross_fit_views_each_pair_in_the_other_pairs_basis(pairs):
-    from vllm_safeguard.translator.representation import n_layers_of, view_module
+    from vllm_safeguard.methods.translator.representation import n_layers_of, view_module
 
     three = pairs[:3]
     data = build_dataset(three, k=4)
@@ -132,7 +137,7 @@ def test_strength_scales_the_edit(trained, pairs, tiny_reference):
             "translator",
             {"mode": "aggressive", "strength": t},
             max_rank=64,
-            translator=model,
+            artifacts={"translator": model},
         )
         assert f"strength {t:g}" in res.report.notes[0]
         return {n: unsafe.modules[n].delta() - m.delta() for n, m in res.adapter.modules.items()}
@@ -144,7 +149,7 @@ def test_strength_scales_the_edit(trained, pairs, tiny_reference):
         assert torch.allclose(two[name], 2 * one[name], atol=1e-5)
     for bad in (-0.5, 4.5, float("nan")):
         with pytest.raises(ConfigError, match="strength"):
-            repair(unsafe, tiny_reference, "translator", {"strength": bad}, translator=model)
+            repair(unsafe, tiny_reference, "translator", {"strength": bad}, artifacts={"translator": model})
 
 
 def test_save_load_round_trip_and_tamper(tmp_path, trained, pairs, tiny_reference):
@@ -155,8 +160,8 @@ def test_save_load_round_trip_and_tamper(tmp_path, trained, pairs, tiny_referenc
     assert loaded.basis.keys() == model.basis.keys()
     for name, basis in model.basis.items():
         assert torch.equal(loaded.basis[name].u, basis.u) and torch.equal(loaded.basis[name].s, basis.s)
-    a = repair(pairs[7][0], tiny_reference, "translator", translator=model).adapter
-    b = repair(pairs[7][0], tiny_reference, "translator", translator=loaded).adapter
+    a = repair(pairs[7][0], tiny_reference, "translator", artifacts={"translator": model}).adapter
+    b = repair(pairs[7][0], tiny_reference, "translator", artifacts={"translator": loaded}).adapter
     for name in a.modules:
         assert torch.equal(a.modules[name].lora_b, b.modules[name].lora_b)
     (out / "translator.safetensors").write_bytes((out / "translator.safetensors").read_bytes()[:-2] + b"xx")
@@ -179,7 +184,7 @@ def test_translator_method_needs_an_artifact(tiny_reference, pairs):
         repair(pairs[0][0], tiny_reference, "translator")
     bare = Translator(TranslatorConfig(k=4, hidden=16, router_hidden=8))  # no basis: nothing it can edit
     with pytest.raises(RepairError, match="no basis for any module"):
-        repair(pairs[0][0], tiny_reference, "translator", translator=bare)
+        repair(pairs[0][0], tiny_reference, "translator", artifacts={"translator": bare})
 
 
 def test_basis_finds_the_correction_direction_and_shrink_targets_it() -> None:
@@ -214,8 +219,8 @@ def test_cli_train_and_repair(tmp_path, pairs, tiny_reference):
 
     from typer.testing import CliRunner
 
-    from vllm_safeguard.adapter_io import load_adapter, save_adapter
-    from vllm_safeguard.cli import app
+    from vllm_safeguard.apps.cli import app
+    from vllm_safeguard.core.adapter_io import load_adapter, save_adapter
 
     ref_dir = tiny_reference.save(tmp_path / "ref")
     spec = []

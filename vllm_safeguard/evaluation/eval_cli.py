@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .harness import EvalSuite, TaskItem, add_fidelity, evaluate, make_generator
+from .backends import make_generator
+from .harness import EvalSuite, TaskItem, add_fidelity, evaluate
 from .judge import get_judge
 
 PROMPT_TYPES = ("harmful", "benign", "task")

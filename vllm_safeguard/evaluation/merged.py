@@ -1,4 +1,5 @@
-"""Evaluate LoRA adapters merged into the base weights, in one vLLM engine without LoRA.
+"""Evaluate LoRA adapters merged into the base weights, in one vLLM engine without LoRA
+(:class:`vllm_safeguard.integration.offline_engine.MergedVLLMGenerator` runs the engine).
 
 Semantics (per adapter, every adapted module ``m`` of the base checkpoint):
 
@@ -20,19 +21,9 @@ token. The lab reports how often by running the unrepaired adapters through both
 
 from __future__ import annotations
 
-import gc
 import os
-import shutil
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
-
-from ..reference import read_weights
-from .harness import GenRequest, VLLMGenerator, chat_prompt
 
 
 def merged_weights(
@@ -43,7 +34,7 @@ def merged_weights(
     Raises:
         ValueError: an adapted module has no weight in ``base`` or its shape differs.
     """
-    from ..adapter_io import load_adapter
+    from ..core.adapter_io import load_adapter
 
     adapter = load_adapter(adapter_dir)
     out: dict[str, torch.Tensor] = {}
@@ -64,83 +55,4 @@ def merged_weights(
     return out
 
 
-class MergedVLLMGenerator:
-    """A :class:`~vllm_safeguard.evaluation.harness.Generator` that serves each adapter merged.
-
-    Requests are grouped by adapter (in first-seen order); each group is generated after the engine's
-    weights are reloaded as base + that adapter's update (the bare base for ``adapter=None``).
-    Per-request ``alpha`` is not supported (that is the plugin's LoRA path).
-    """
-
-    def __init__(
-        self,
-        model_dir: str | os.PathLike[str],
-        *,
-        dtype: str = "float32",
-        max_model_len: int = 1024,
-        seed: int = 0,
-        max_num_batched_tokens: int | None = None,
-    ) -> None:
-        self.model_dir = str(Path(model_dir).resolve())
-        self._engine = VLLMGenerator(
-            self.model_dir,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            seed=seed,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_lora=False,
-        )
-        self.llm = self._engine.llm
-        self.tokenizer = self._engine.tokenizer
-        self._base = read_weights(self.model_dir)  # fp32, read once
-        self._tmp = Path(tempfile.mkdtemp(prefix="safeguard-merged-"))
-        self._current: str | None = None  # adapter whose update is in the engine now (None: base)
-        self.reloads = 0
-
-    def _load(self, adapter: str | None) -> None:
-        if adapter == self._current:
-            return
-        if adapter is None:
-            path = self.model_dir
-        else:
-            weights = {**self._base, **merged_weights(self._base, adapter)}
-            path = str(self._tmp / f"m{self.reloads}")
-            os.makedirs(path)
-            save_file(weights, os.path.join(path, "model.safetensors"))
-            del weights
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
-        # KV blocks cached under the old weights must never serve a prompt under the new ones.
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight reload")
-        if adapter is not None:
-            shutil.rmtree(path, ignore_errors=True)
-        self._current = adapter
-        self.reloads += 1
-        gc.collect()
-
-    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
-        from vllm import SamplingParams
-
-        if any(r.alpha is not None for r in requests):
-            raise ValueError("merged evaluation does not take safeguard_alpha (use VLLMGenerator)")
-        order: dict[str | None, list[int]] = {}
-        for i, r in enumerate(requests):
-            key = None if r.adapter is None else str(Path(r.adapter).resolve())
-            order.setdefault(key, []).append(i)
-        out: list[str] = [""] * len(requests)
-        groups = sorted(order.items(), key=lambda kv: kv[0] != self._current)  # loaded one first
-        for adapter, idx in tqdm(groups, desc="merged adapters", disable=len(groups) < 2):
-            self._load(adapter)
-            prompts = [chat_prompt(self.tokenizer, requests[i].prompt) for i in idx]
-            params = [SamplingParams(temperature=0.0, max_tokens=requests[i].max_tokens) for i in idx]
-            for i, o in zip(idx, self.llm.generate(prompts, params, use_tqdm=True), strict=True):
-                out[i] = o.outputs[0].text
-        return out
-
-    def close(self) -> None:
-        self._engine.close()
-        self._base.clear()
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-__all__ = ["MergedVLLMGenerator", "merged_weights"]
+__all__ = ["merged_weights"]

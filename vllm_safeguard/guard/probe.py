@@ -20,8 +20,8 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
+from ..core.model_files import sha256_file
 from ..errors import ReferenceArtifactError
-from ..reference import sha256_file
 
 WEIGHTS_NAME = "guard.safetensors"
 MANIFEST_NAME = "guard.json"

@@ -1,73 +1,38 @@
 """Repair methods: each maps (adapter, reference) to (repaired adapter, per-module report).
 
-Every method module exposes ``Options`` (a pydantic model with a help text per field) and
-``repair_modules(adapter, reference, options, *, max_rank, safety) -> MethodOutput``. :func:`repair`
-adds what all methods share: option validation, the adapter risk score, the "zero modules matched"
-refusal, the module/layer counts and timing.
+Every method is a :class:`~vllm_safeguard.methods.base.Method` in :data:`METHODS`: its ``Options``
+model (a help text per field), the artifacts it needs (located, loaded and hashed by
+:mod:`vllm_safeguard.core.artifacts`) and ``run``. :func:`repair` adds what all methods share: option
+validation, the adapter risk score (reused when the caller already scored it), the "zero modules
+matched" refusal, the rank bound, the module/layer counts and timing.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ..adapter import LoRAAdapter, LoRAModule, layer_index
+from ..core.adapter import LoRAAdapter, LoRAModule, layer_index
+from ..core.lowrank import all_finite, refactorize
+from ..core.reference import AlignmentReference
+from ..core.report import ModuleReport, RepairReport
+from ..core.risk import RiskReport, score_adapter
 from ..errors import ConfigError, RepairError
-from ..lowrank import all_finite, refactorize
-from ..reference import AlignmentReference
-from ..report import ModuleReport, RepairReport
-from ..risk import score_adapter
+from . import nlsr, safegene, safelora, translator
+from .base import Method, MethodOutput, RepairResult
 
-if TYPE_CHECKING:
-    from ..safegene import SafetyAdapter
-    from ..translator.model import Translator
+__all__ = ["METHODS", "Method", "MethodOutput", "RepairResult", "parse_options", "register_method", "repair"]
 
-
-@dataclass
-class MethodOutput:
-    modules: dict[str, LoRAModule]
-    reports: list[ModuleReport]
-    notes: list[str] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RepairResult:
-    adapter: LoRAAdapter
-    report: RepairReport
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    options: type[BaseModel]
-    run: Callable[..., MethodOutput]
-    needs_safety_adapter: bool = False
-    needs_translator: bool = False
-
-
-def _registry() -> dict[str, Method]:
-    from . import nlsr, safegene, safelora, translator
-
-    return {
-        "safelora": Method("safelora", safelora.Options, safelora.repair_modules),
-        "nlsr": Method("nlsr", nlsr.Options, nlsr.repair_modules),
-        "safegene": Method("safegene", safegene.Options, safegene.repair_modules, needs_safety_adapter=True),
-        "translator": Method(
-            "translator", translator.Options, translator.repair_modules, needs_translator=True
-        ),
-    }
-
-
-METHODS: dict[str, Method] = _registry()
+METHODS: dict[str, Method] = {
+    m.name: m for m in (safelora.METHOD, nlsr.METHOD, safegene.METHOD, translator.METHOD)
+}
 
 
 def register_method(method: Method) -> None:
-    """Add a method (used by later methods such as the translator) under ``method.name``."""
+    """Add a method under ``method.name`` (the config accepts every registered name)."""
     METHODS[method.name] = method
 
 
@@ -87,34 +52,41 @@ def repair(
     options: dict[str, Any] | None = None,
     *,
     max_rank: int | None = None,
-    safety: SafetyAdapter | None = None,
-    translator: Translator | None = None,
+    artifacts: Mapping[str, Any] | None = None,
+    risk: RiskReport | None = None,
 ) -> RepairResult:
     """Repair ``adapter`` with ``method`` and report what was done, module by module.
+
+    ``artifacts``: the loaded artifact of each kind the method declares, by kind name (e.g.
+    ``{"safety_adapter": SafetyAdapter}``). ``risk``: the adapter's risk report when the caller has
+    already scored this very adapter (admission does), so it is not computed twice.
 
     Raises:
         ConfigError: unknown method or invalid options (the message quotes the bad value).
         RepairError: no adapter module is covered by the reference (a silent no-op would serve an
-            unrepaired adapter), the method needs a safety adapter and none was given, or the result
+            unrepaired adapter), the method needs an artifact and none was given, or the result
             is not finite / breaks the rank bound.
     """
     opts = parse_options(method, options)
     spec = METHODS[method]
-    if spec.needs_safety_adapter and safety is None:
-        raise RepairError(f"method {method!r} needs a SafeGene safety adapter (none configured)")
-    if spec.needs_translator and translator is None:
-        raise RepairError(f"method {method!r} needs a trained translator artifact (none configured)")
+    given = dict(artifacts or {})
+    for kind in spec.artifacts:
+        if given.get(kind.name) is None:
+            raise RepairError(
+                f"method {method!r} needs {kind.what} (none configured); build it with {kind.how}"
+            )
     if max_rank is not None and max_rank < 1:
         raise ConfigError(f"max_rank must be >= 1, got {max_rank!r}")
     t0 = time.perf_counter()
-    risk = score_adapter(adapter, reference)
+    if risk is None:
+        risk = score_adapter(adapter, reference)
     if not risk.modules:
         raise RepairError(
             f"none of the adapter's {len(adapter.modules)} modules is covered by the alignment reference "
             f"(e.g. {next(iter(adapter.modules), '<none>')!r}); refusing to pass it through unrepaired"
         )
-    extra_args: dict[str, Any] = {"translator": translator} if spec.needs_translator else {}
-    out = spec.run(adapter, reference, opts, max_rank=max_rank, safety=safety, **extra_args)
+    needed = {kind.name: given[kind.name] for kind in spec.artifacts}
+    out = spec.run(adapter, reference, opts, max_rank=max_rank, **needed)
     by_name = {r.module: r for r in out.reports}
     for name, mod in adapter.modules.items():
         rep = by_name.get(name)

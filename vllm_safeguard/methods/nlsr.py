@@ -30,11 +30,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
-from ..adapter import LoRAAdapter, LoRAModule, layer_index
-from ..lowrank import bound_rank
-from ..reference import AlignmentReference, ModuleSubspace
-from ..report import ModuleReport
-from . import MethodOutput
+from ..core.adapter import LoRAAdapter, LoRAModule, layer_index
+from ..core.lowrank import bound_rank
+from ..core.reference import AlignmentReference, ModuleSubspace
+from ..core.report import ModuleReport
+from .base import Method, MethodOutput
 
 
 class Options(BaseModel, extra="forbid"):
@@ -80,7 +80,7 @@ def _region_terms(mod: LoRAModule, sub: ModuleSubspace, rows: torch.Tensor) -> t
 
 
 def repair_modules(
-    adapter: LoRAAdapter, reference: AlignmentReference, opts: Options, *, max_rank=None, safety=None
+    adapter: LoRAAdapter, reference: AlignmentReference, opts: Options, *, max_rank=None
 ) -> MethodOutput:
     bound = max_rank or opts.default_max_rank
     rows: dict[str, torch.Tensor] = {}
@@ -157,3 +157,6 @@ def _cos(cross: float, v2: float, d2: float) -> float:
     p2 = max(v2 + 2 * cross + d2, 0.0)
     den = v2**0.5 * max(p2, v2) ** 0.5
     return (v2 + cross) / den if den > 0 else 1.0
+
+
+METHOD = Method("nlsr", Options, repair_modules)

@@ -19,11 +19,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from ..adapter import LoRAAdapter, LoRAModule, layer_index
-from ..lowrank import frob2
-from ..reference import AlignmentReference
-from ..report import ModuleReport
-from . import MethodOutput
+from ..core.adapter import LoRAAdapter, LoRAModule, layer_index
+from ..core.lowrank import frob2
+from ..core.reference import AlignmentReference
+from ..core.report import ModuleReport
+from .base import Method, MethodOutput
 
 
 class Options(BaseModel, extra="forbid"):
@@ -51,7 +51,7 @@ def similarity(mod: LoRAModule, u) -> float:
 
 
 def repair_modules(
-    adapter: LoRAAdapter, reference: AlignmentReference, opts: Options, *, max_rank=None, safety=None
+    adapter: LoRAAdapter, reference: AlignmentReference, opts: Options, *, max_rank=None
 ) -> MethodOutput:
     sims: dict[str, float] = {
         name: similarity(mod, reference.modules[name].u)
@@ -85,3 +85,6 @@ def repair_modules(
             )
     notes = [f"projected {len(chosen)} of {len(sims)} matched modules"]
     return MethodOutput(modules, reports, notes)
+
+
+METHOD = Method("safelora", Options, repair_modules)

@@ -1,0 +1,45 @@
+"""train_and_test: the shared guard experiment of bench_guard and the safety lab, on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.safety_lab.guard_experiment import train_and_test
+from vllm_safeguard.guard import GuardProbe
+
+from ..guard.test_guard_probe import BENIGN_WORDS, HARM_WORDS, _prompts
+
+
+def test_train_and_test_reports_held_out_metrics(tiny_models, tmp_path):
+    _, aligned = tiny_models
+    probe, res = train_and_test(
+        aligned,
+        harm_train=_prompts(HARM_WORDS, 32, 0),
+        benign_train=_prompts(BENIGN_WORDS, 32, 1),
+        harm_test=_prompts(HARM_WORDS, 12, 2),
+        benign_test=_prompts(BENIGN_WORDS, 12, 3),
+        domain_test=_prompts(["add", "sort"], 6, 4),
+        target_fpr=0.1,
+        progress=False,
+    )
+    t = res["test"]
+    assert (t["n_harmful"], t["n_benign"], t["n_domain"]) == (12, 12, 6)
+    # The words separate the classes; a probe that learned nothing would sit near 0.5.
+    assert t["auroc_harmful_vs_benign"] > 0.8
+    for k in ("tpr_at_threshold", "fpr_benign_at_threshold", "fpr_domain_at_threshold"):
+        assert 0.0 <= t[k] <= 1.0
+    assert len(res["scores"]["harm_test"]) == 12 and res["layer"] == probe.layer
+    again = GuardProbe.load(probe.save(tmp_path / "g"))
+    assert again.manifest.threshold == res["threshold"]
+
+
+def test_train_and_test_rejects_bad_val_fraction(tiny_models):
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_and_test(
+            tiny_models[1],
+            harm_train=["a"],
+            benign_train=["b"],
+            harm_test=["c"],
+            benign_test=["d"],
+            val_fraction=1.0,
+        )

@@ -1,0 +1,161 @@
+"""The serving-time safety path's layer table: the safety weights each LoRA-wrapped layer adds.
+
+:func:`build_layer_safety` maps every LoRA-wrapped linear layer in the safety adapter's selected
+layers to a :class:`LayerSafety` (one A/B pair per output slice: q/k/v, gate/up), in the layer's LoRA
+dtype and device, and refuses to start when the safety adapter does not cover what vLLM serves
+(:func:`check_safety_coverage`): a partial safety delta would silently protect only some layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..core.adapter import layer_index
+from ..errors import SafeguardError
+
+if TYPE_CHECKING:
+    from ..core.adapter import LoRAModule
+    from ..methods.safegene import SafetyAdapter
+
+
+class SafetyCoverageError(SafeguardError):
+    """The safety delta covers fewer modules (or slices) than the model serves LoRA on."""
+
+
+def _as_slice_map(modules: Iterable[str] | Mapping[str, int]) -> dict[str, int | None]:
+    if isinstance(modules, Mapping):
+        return {str(k): int(v) for k, v in modules.items()}
+    if isinstance(modules, str):
+        raise TypeError("pass a collection of module names, not a single string")
+    return dict.fromkeys((str(m) for m in modules), None)
+
+
+def check_safety_coverage(
+    expected_modules: Iterable[str] | Mapping[str, int], safety_modules: Iterable[str] | Mapping[str, int]
+) -> list[str]:
+    """Raise :class:`SafetyCoverageError` unless the safety delta covers every expected module.
+
+    Either argument may be a collection of module names or a mapping ``name -> number of slices``
+    (e.g. ``{"model.layers.0.self_attn.qkv_proj": 3}``); when both give slice counts they must
+    match. Extra safety modules are allowed. Returns the sorted covered module names.
+    """
+    expected = _as_slice_map(expected_modules)
+    safety = _as_slice_map(safety_modules)
+    missing = sorted(set(expected) - set(safety))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+        raise SafetyCoverageError(
+            f"safety delta covers {len(expected) - len(missing)} of {len(expected)} expected modules; "
+            f"missing {len(missing)}: {shown}. Refusing to serve with a partial safety delta."
+        )
+    bad = [
+        f"{name} ({safety[name]} slices, expected {n})"
+        for name, n in sorted(expected.items())
+        if n is not None and safety[name] is not None and safety[name] != n
+    ]
+    if bad:
+        raise SafetyCoverageError("safety delta has the wrong number of slices for: " + ", ".join(bad))
+    return sorted(expected)
+
+
+@dataclass(frozen=True)
+class SafetyDeltaSpec:
+    """What a cached safety delta provides: its rank and ``module name -> number of slices``."""
+
+    rank: int
+    modules: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise SafetyCoverageError(f"safety delta rank must be >= 1, got {self.rank}")
+        if not self.modules:
+            raise SafetyCoverageError("safety delta covers no modules")
+
+    def check_covers(self, expected_modules: Iterable[str] | Mapping[str, int]) -> list[str]:
+        """See :func:`check_safety_coverage`."""
+        return check_safety_coverage(expected_modules, self.modules)
+
+
+@dataclass
+class LayerSafety:
+    """Safety weights of one LoRA-wrapped layer, one entry per output slice (q/k/v, gate/up)."""
+
+    name: str
+    a: list[torch.Tensor]  # [r_s, in] per slice, the layer's LoRA dtype/device, contiguous
+    b: list[torch.Tensor]  # [out_slice, r_s] per slice (module scaling folded in)
+
+
+def linear_lora_layers(lora_model_manager: Any) -> Iterable[tuple[str, Any]]:
+    """``(vLLM module name, layer)`` of every LoRA-wrapped linear layer of the adapter manager."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    for name, layer in lora_model_manager.modules.items():
+        if isinstance(layer, BaseLinearLayerWithLoRA):
+            yield name, layer
+
+
+def build_layer_safety(
+    layers: Iterable[tuple[str, Any]],
+    packed_modules_mapping: dict[str, list[str]],
+    safety: SafetyAdapter,
+) -> dict[int, LayerSafety]:
+    """Map every LoRA-wrapped linear layer in the safety adapter's selected layers to its safety weights.
+
+    ``layers``: ``(vLLM module name, layer)`` where the layer has ``lora_a_stacked`` (one tensor per
+    slice, ``[max_loras, 1, r, in]``) and ``output_slices``. Packed vLLM modules are split with
+    ``packed_modules_mapping`` (``qkv_proj -> q/k/v_proj``, ``gate_up_proj -> gate/up_proj``).
+
+    Raises:
+        SafetyCoverageError: a served layer (in the selected layers) lacks a safety module or slice, a
+            shape does not match, or nothing at all is covered.
+    """
+    expected: dict[str, int] = {}
+    covered: dict[str, int] = {}
+    found: dict[str, tuple[Any, list[LoRAModule]]] = {}
+    selected = safety.layers
+    for name, layer in layers:
+        if layer_index(name) not in selected:
+            continue  # the safety adapter deliberately leaves this layer alone (data-aware selection)
+        prefix, _, kind = name.rpartition(".")
+        n_slices = len(layer.lora_a_stacked)
+        subs = packed_modules_mapping.get(kind, [kind])
+        if len(subs) != n_slices:
+            subs = [kind] if n_slices == 1 else subs
+        expected[name] = n_slices
+        got = [safety.adapter.modules.get(f"{prefix}.{s}" if prefix else s) for s in subs]
+        mods = [m for m in got if m is not None]
+        if len(mods) == n_slices == len(got):
+            covered[name] = n_slices
+            found[name] = (layer, mods)
+    if not expected:
+        raise SafetyCoverageError(
+            f"the safety adapter's selected layers {sorted(selected)} contain no LoRA-wrapped linear layer "
+            "of the served model"
+        )
+    check_safety_coverage(expected, covered)
+    out: dict[int, LayerSafety] = {}
+    for name, (layer, mods) in found.items():
+        ref = layer.lora_a_stacked[0]
+        r_s = max(m.lora_a.shape[0] for m in mods)
+        a_list, b_list = [], []
+        for s, m in enumerate(mods):
+            in_f = layer.lora_a_stacked[s].shape[-1]
+            out_f = int(layer.output_slices[s])
+            if tuple(m.lora_a.shape[1:]) != (in_f,) or m.lora_b.shape[0] != out_f:
+                raise SafetyCoverageError(
+                    f"{name} slice {s} ({m.name}): safety A {tuple(m.lora_a.shape)} / B {tuple(m.lora_b.shape)} "
+                    f"do not fit the layer (in {in_f}, out {out_f}); tensor parallelism is not supported"
+                )
+            a = torch.zeros(r_s, in_f, dtype=torch.float32)
+            b = torch.zeros(out_f, r_s, dtype=torch.float32)
+            # Zero-padding a smaller rank adds exact zeros: same result as the unpadded product.
+            a[: m.lora_a.shape[0]] = m.lora_a.float()
+            b[:, : m.lora_b.shape[1]] = m.lora_b.float() * float(m.scaling)
+            a_list.append(a.to(device=ref.device, dtype=ref.dtype).contiguous())
+            b_list.append(b.to(device=ref.device, dtype=ref.dtype).contiguous())
+        out[ref.data_ptr()] = LayerSafety(name, a_list, b_list)
+    return out

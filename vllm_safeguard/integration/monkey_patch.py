@@ -1,0 +1,293 @@
+"""Every vLLM monkeypatch of vllm-safeguard, in one module (the mechanism is ``patching.py``).
+
+Importing this module registers the patches; :func:`install` applies them (each right after vLLM
+imports its module). Each wrapper is thin: it calls the original and hands over to the module that
+does the work, imported lazily so that ``register()`` stays cheap in processes that never load LoRA.
+
+=========================================  ==============================================================
+patch                                      hands over to
+=========================================  ==============================================================
+WorkerLoRAManager.__init__                 worker_hook.attach_worker (config, reference, pipeline)
+WorkerLoRAManager._load_adapter            worker_hook.load_adapter_hook (admit, then vLLM reads the copy)
+WorkerLoRAManager.set_active_adapters      marks loads inside the engine step (they must not raise)
+OpenAIServingModels.load_lora_adapter      api_server (early path refusal; refusal 500 -> 400)
+InputProcessor.__init__                    alpha.set_frontend_additional_config (the validator's config)
+InputProcessor._validate_lora              api_server.request_adapter_problem (400 for a lost adapter)
+model_manager.get_punica_wrapper           punica_wrapper.selector (the safety wrapper, alpha enabled)
+LoRAModelRunnerMixin.load_lora_model       alpha_runner.setup_runner (safety weights, guard)
+LoRAModelRunnerMixin.set_active_loras      alpha_runner.on_step (per-token alpha, guard plan)
+=========================================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .patching import Patch, install_patches, register_patch
+
+logger = logging.getLogger("vllm_safeguard")
+
+# ------------------------------------------------------------------------------ adapter admission
+
+
+def _wrap_worker_init(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, vllm_config, *args, **kwargs)
+        from .worker_hook import attach_worker
+
+        attach_worker(self, vllm_config)
+
+    return __init__
+
+
+# Set while vLLM runs WorkerLoRAManager.set_active_adapters (inside execute_model): a load raised
+# there kills the EngineCore, so the load hook must not raise while it is set.
+_IN_STEP = threading.local()
+
+
+def in_engine_step() -> bool:
+    return bool(getattr(_IN_STEP, "depth", 0))
+
+
+def _wrap_load_adapter(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _load_adapter(self: Any, lora_request: Any) -> Any:
+        from .worker_hook import load_adapter_hook
+
+        return load_adapter_hook(self, lora_request, original, in_step=in_engine_step())
+
+    return _load_adapter
+
+
+def _wrap_set_active_adapters(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def set_active_adapters(self: Any, requests: Any, mapping: Any) -> Any:
+        _IN_STEP.depth = getattr(_IN_STEP, "depth", 0) + 1
+        try:
+            return original(self, requests, mapping)
+        finally:
+            _IN_STEP.depth -= 1
+
+    return set_active_adapters
+
+
+def _wrap_serving_load(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def load_lora_adapter(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        from .api_server import early_path_refusal, refusal_as_400
+
+        early = early_path_refusal(self, request, original)
+        if early is not None:
+            return early
+        return refusal_as_400(await original(self, request, *args, **kwargs))
+
+    return load_lora_adapter
+
+
+def _wrap_input_processor_init(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        from ..alpha import set_frontend_additional_config
+
+        # The alpha validator has no vllm_config; give it --additional-config (front-end process).
+        set_frontend_additional_config(getattr(vllm_config, "additional_config", None))
+        original(self, vllm_config, *args, **kwargs)
+
+    return __init__
+
+
+def _wrap_validate_lora(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _validate_lora(self: Any, lora_request: Any) -> None:
+        original(self, lora_request)
+        if lora_request is None:
+            return
+        from .api_server import request_adapter_problem
+
+        problem = request_adapter_problem(self, lora_request)
+        if problem is not None:
+            from vllm.exceptions import VLLMValidationError
+
+            logger.error("vllm-safeguard: request refused: %s", problem)
+            raise VLLMValidationError(f"vllm-safeguard: {problem}")
+
+    return _validate_lora
+
+
+register_patch(
+    Patch(
+        name="worker_lora_init",
+        module="vllm.lora.worker_manager",
+        owner="WorkerLoRAManager",
+        attr="__init__",
+        make=_wrap_worker_init,
+        parameters=("self", "vllm_config", "device", "embedding_modules"),
+        is_async=False,
+        inherited_by=("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager",),
+        description="build the worker's safeguard pipeline (config, reference) next to the LoRA manager",
+    )
+)
+register_patch(
+    Patch(
+        name="worker_lora_set_active_adapters",
+        module="vllm.lora.worker_manager",
+        owner="WorkerLoRAManager",
+        attr="set_active_adapters",
+        make=_wrap_set_active_adapters,
+        parameters=("self", "requests", "mapping"),
+        is_async=False,
+        inherited_by=("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager",),
+        description="mark loads inside the engine step (they must never raise: that kills the EngineCore)",
+    )
+)
+register_patch(
+    Patch(
+        name="worker_lora_load_adapter",
+        module="vllm.lora.worker_manager",
+        owner="WorkerLoRAManager",
+        attr="_load_adapter",
+        make=_wrap_load_adapter,
+        parameters=("self", "lora_request"),
+        is_async=False,
+        inherited_by=("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager",),
+        description="validate -> score -> repair every adapter before vLLM reads it (static, runtime, resolver)",
+    )
+)
+register_patch(
+    Patch(
+        name="serving_models_load_lora_adapter",
+        module="vllm.entrypoints.openai.models.serving",
+        owner="OpenAIServingModels",
+        attr="load_lora_adapter",
+        make=_wrap_serving_load,
+        parameters=("self", "request", "base_model_name"),
+        is_async=True,
+        description="turn a safeguard refusal (a 500 from add_lora) into a 400 with our message",
+    )
+)
+
+
+# ------------------------------------------------------------------------- per-request safety alpha
+
+
+def _wrap_get_punica_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def get_punica_wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .punica_wrapper.selector import make_safety_wrapper, safety_wrapper_wanted
+
+        # Only when this worker's config enables the alpha path (set by attach_worker just before).
+        if not safety_wrapper_wanted():
+            return original(*args, **kwargs)
+        return make_safety_wrapper(original, *args, **kwargs)
+
+    return get_punica_wrapper
+
+
+def _wrap_load_lora_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def load_lora_model(self: Any, model: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, model, vllm_config, *args, **kwargs)
+        from .punica_wrapper.selector import safety_wrapper_wanted
+
+        if safety_wrapper_wanted():
+            from .alpha_runner import setup_runner
+
+            setup_runner(self, vllm_config)
+        return out
+
+    return load_lora_model
+
+
+def _wrap_set_active_loras(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def set_active_loras(
+        self: Any, input_batch: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        out = original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
+        from .alpha_runner import on_step
+
+        on_step(self, input_batch, num_scheduled_tokens)
+        return out
+
+    return set_active_loras
+
+
+# Runners that must inherit the two mixin methods unchanged. Not in ``inherited_by``: the patches are
+# applied while these modules are still importing the mixin (a circular, partial import), so the
+# contract test checks them instead (tests/plugin/test_patch_contract.py).
+RUNNERS_USING_LORA_MIXIN = (
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+    "vllm.v1.worker.cpu_model_runner:CPUModelRunner",
+)
+
+register_patch(
+    Patch(
+        name="model_manager_get_punica_wrapper",
+        module="vllm.lora.model_manager",
+        owner="",
+        attr="get_punica_wrapper",
+        make=_wrap_get_punica_wrapper,
+        parameters=("args", "kwargs"),
+        is_async=False,
+        description="use the safety punica wrapper (task LoRA + alpha * safety delta) when alpha is enabled",
+    )
+)
+register_patch(
+    Patch(
+        name="runner_load_lora_model",
+        module="vllm.v1.worker.lora_model_runner_mixin",
+        owner="LoRAModelRunnerMixin",
+        attr="load_lora_model",
+        make=_wrap_load_lora_model,
+        parameters=("self", "model", "vllm_config", "device"),
+        is_async=False,
+        description="attach the safety adapter's weights to the LoRA layers (coverage-checked) after vLLM wraps them",
+    )
+)
+register_patch(
+    Patch(
+        name="runner_set_active_loras",
+        module="vllm.v1.worker.lora_model_runner_mixin",
+        owner="LoRAModelRunnerMixin",
+        attr="set_active_loras",
+        make=_wrap_set_active_loras,
+        parameters=("self", "input_batch", "num_scheduled_tokens", "num_sampled_tokens", "mapping_type"),
+        is_async=False,
+        description="fill the per-token safety alpha buffer from the batch's requests each step",
+    )
+)
+register_patch(
+    Patch(
+        name="input_processor_init",
+        module="vllm.v1.engine.input_processor",
+        owner="InputProcessor",
+        attr="__init__",
+        make=_wrap_input_processor_init,
+        parameters=("self", "vllm_config"),
+        is_async=False,
+        description="let the safeguard_alpha validator see --additional-config in the front-end process",
+    )
+)
+register_patch(
+    Patch(
+        name="input_processor_validate_lora",
+        module="vllm.v1.engine.input_processor",
+        owner="InputProcessor",
+        attr="_validate_lora",
+        make=_wrap_validate_lora,
+        parameters=("self", "lora_request"),
+        is_async=False,
+        description="refuse (400) a request whose adapter's admitted copy is gone, before the engine step",
+    )
+)
+
+
+def install() -> list[str]:
+    """Apply every patch above in this process (now if its module is imported, else right after vLLM
+    imports it); idempotent. Returns the names applied immediately."""
+    return install_patches()

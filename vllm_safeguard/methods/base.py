@@ -1,0 +1,47 @@
+"""What a repair method is: a self-describing unit the pipeline, config, cache key and CLI loop over.
+
+A method is its options model (a pydantic model whose fields carry help text), the per-model
+artifacts it needs (:class:`~vllm_safeguard.core.artifacts.ArtifactKind`: how each is located, loaded
+and hashed into the cache key) and a ``run`` function::
+
+    run(adapter, reference, options, *, max_rank, **{kind.name: artifact for kind in artifacts})
+        -> MethodOutput
+
+so a method's signature names the artifacts it receives (``safety_adapter=``, ``translator=``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..core.adapter import LoRAAdapter, LoRAModule
+from ..core.artifacts import ArtifactKind
+from ..core.report import ModuleReport, RepairReport
+
+
+@dataclass
+class MethodOutput:
+    modules: dict[str, LoRAModule]
+    reports: list[ModuleReport]
+    notes: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RepairResult:
+    adapter: LoRAAdapter
+    report: RepairReport
+
+
+@dataclass(frozen=True)
+class Method:
+    """One repair method (see the module docstring)."""
+
+    name: str
+    options: type[BaseModel]
+    run: Callable[..., MethodOutput]
+    artifacts: tuple[ArtifactKind, ...] = ()
