@@ -15,6 +15,12 @@ def test_every_config_field_is_documented() -> None:
     assert not missing, f"README lacks config fields: {missing}"
 
 
+def test_config_table_says_what_the_code_says() -> None:
+    """Each field's row carries its current description (the table is not left behind by the code)."""
+    stale = [f for f, _, description in describe_fields() if description not in README]
+    assert not stale, f"README's config table is stale for: {stale}"
+
+
 def test_every_metric_is_documented() -> None:
     missing = [m for m in METRIC_NAMES if m not in README]
     assert not missing, f"README lacks metrics: {missing}"

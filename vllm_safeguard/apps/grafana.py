@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import metrics as m
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "dashboards" / "vllm-safeguard.json"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "dashboards" / "vllm-safeguard.json"
 SEL = 'model_name=~"$model_name"'
 
 
