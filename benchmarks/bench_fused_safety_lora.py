@@ -6,10 +6,15 @@ On a CUDA device this times the Triton kernels (``kernels/triton_ops/fused_safet
                 same kernels with ``safety_a=None`` resp. ``lora_a_stacked=None``, i.e. plain punica
                 passes)
   * no_safety:  the task-LoRA pass alone (the floor: what serving costs without the safety delta)
+  * vllm:       vLLM's own punica task-LoRA pass (its ``PunicaWrapperGPU``: ``lora_shrink`` +
+                ``lora_expand``) plus our separate safety-only pass: what serving without the fusion
+                would run. Only where vLLM is importable (not on the lent GPU machine, which has no
+                vLLM); the report says when it is missing.
 each eager and, where capture works, replayed from a CUDA graph (how vLLM runs decode).
 
 Without CUDA it times the torch reference / CPU path (``kernels/torch_ops/fused_safety_lora.py``) the
-same three ways and says so: those numbers say nothing about the GPU kernels.
+same ways (``vllm``: vLLM's ``PunicaWrapperCPU`` task pass + the reference's safety pass) and says so:
+those numbers say nothing about the GPU kernels.
 
 All variants of one shape are timed round-robin in the same run, so ratios are measured under the
 same machine load. Writes ``benchmarks/results/bench_fused_safety_lora.{json,md}`` (one name across
@@ -107,7 +112,47 @@ def cpu_variants(d: dict) -> dict[str, Callable[[], None]]:
     def no_safety() -> None:
         fused_safety_lora_ref(y, x, la, lb, None, None, alpha, mapping)
 
-    return {"fused": fused, "unfused": unfused, "no_safety": no_safety}
+    out = {"fused": fused, "unfused": unfused, "no_safety": no_safety}
+    task = vllm_task_pass(d, d["la"][0].size(0), "cpu")
+    if task is not None:
+
+        def vllm_plus_safety() -> None:
+            task()
+            fused_safety_lora_ref(y, x, None, None, sa, sb, alpha, mapping)
+
+        out["vllm"] = vllm_plus_safety
+    return out
+
+
+def vllm_task_pass(d: dict, max_loras: int, device: str) -> Callable[[], None] | None:
+    """vLLM's own task-LoRA pass through its platform punica wrapper, on ``d``'s batch and weights
+    (None where vLLM is not importable)."""
+    try:
+        from vllm.config.lora import LoRAConfig
+        from vllm.lora.layers import LoRAMapping
+
+        if device == "cuda":
+            from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU as Wrapper
+        else:
+            from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU as Wrapper
+    except Exception as e:
+        print(f"  vLLM not importable ({type(e).__name__}: {e}): no vLLM punica baseline")
+        return None
+    m = d["x"].size(0)
+    rank = d["la"][0].size(1)
+    cfg = LoRAConfig(max_lora_rank=max(8, rank), max_loras=max_loras)
+    w = Wrapper(m, m, device, lora_config=cfg)  # max_batches: every token may start a run
+    ids = tuple(int(s) + 1 for s in d["mapping"].tolist())  # slot s holds LoRA id s + 1; -1 -> 0
+    w.update_metadata(LoRAMapping(ids, ids, is_prefill=True), list(range(1, max_loras + 1)), max_loras, 100)
+    la = tuple(t.unsqueeze(1) for t in d["la"])  # vLLM's [max_loras, 1, r, in]
+    lb = tuple(t.unsqueeze(1) for t in d["lb"])
+    outs = tuple(t.size(1) for t in d["lb"])
+    y, x = d["y"].clone(), d["x"]
+
+    def task() -> None:
+        w.add_lora_linear(y, x, la, lb, 1.0, outs)
+
+    return task
 
 
 def gpu_variants(d: dict, max_loras: int) -> tuple[dict[str, Callable[[], None]], object]:
@@ -132,7 +177,16 @@ def gpu_variants(d: dict, max_loras: int) -> tuple[dict[str, Callable[[], None]]
     def no_safety() -> None:
         fused_safety_lora(y, x, la, lb, None, None, alpha, *args)
 
-    return {"fused": fused, "unfused": unfused, "no_safety": no_safety}, meta
+    out = {"fused": fused, "unfused": unfused, "no_safety": no_safety}
+    task = vllm_task_pass(d, max_loras, "cuda")
+    if task is not None:
+
+        def vllm_plus_safety() -> None:
+            task()
+            fused_safety_lora(y, x, None, None, sa, sb, alpha, *args)
+
+        out["vllm"] = vllm_plus_safety
+    return out, meta
 
 
 def graphed(fns: dict[str, Callable[[], None]], replays: int = 20) -> dict[str, Callable[[], None]]:
@@ -174,7 +228,7 @@ def main() -> None:
     modules = GPU_MODULES if on_gpu else CPU_MODULES
     tokens = GPU_TOKENS if on_gpu else CPU_TOKENS
     if a.quick:
-        modules, tokens = modules[:1], tokens[:2]
+        modules, tokens = modules[:1], [tokens[0], tokens[-1]]  # decode and prefill sizes
     reps, inner = (15, 10) if on_gpu else ((5, 3) if a.quick else (9, 5))
     if on_gpu:
         import triton
@@ -220,18 +274,28 @@ def main() -> None:
                     "no_safety_us": t["no_safety"] * 1e6,
                     "speedup_fused_vs_unfused": t["unfused"] / t["fused"],
                     "overhead_fused_vs_no_safety": t["fused"] / t["no_safety"],
+                    "vllm_us": t["vllm"] * 1e6 if "vllm" in t else None,
+                    "speedup_fused_vs_vllm": t["vllm"] / t["fused"] if "vllm" in t else None,
                 }
                 rows.append(row)
+                vllm_txt = (
+                    f"  vLLM+safety {row['vllm_us']:9.1f} us ({row['speedup_fused_vs_vllm']:.2f}x)"
+                    if row["vllm_us"] is not None
+                    else "  vLLM: not importable"
+                )
                 print(
                     f"{name:16s} m={m:5d} {mode:10s} fused {row['fused_us']:9.1f} us  unfused {row['unfused_us']:9.1f} us"
                     f"  no-safety {row['no_safety_us']:9.1f} us  fused/unfused speedup {row['speedup_fused_vs_unfused']:.2f}x"
-                    f"  fused/no-safety {row['overhead_fused_vs_no_safety']:.2f}x"
+                    f"  fused/no-safety {row['overhead_fused_vs_no_safety']:.2f}x{vllm_txt}"
                 )
 
-    geo = {}
+    geo, geo_vllm = {}, {}
     for mode in sorted({r["mode"] for r in rows}):
         sp = [r["speedup_fused_vs_unfused"] for r in rows if r["mode"] == mode]
         geo[mode] = statistics.geometric_mean(sp)
+        sv = [r["speedup_fused_vs_vllm"] for r in rows if r["mode"] == mode and r["speedup_fused_vs_vllm"]]
+        if sv:
+            geo_vllm[mode] = statistics.geometric_mean(sv)
     result = {
         "device": dev_name,
         "gpu_used": on_gpu,
@@ -243,6 +307,7 @@ def main() -> None:
         "versions": versions,
         "target": "GPU: fused >= 1.2x unfused",
         "geomean_speedup_fused_vs_unfused": geo,
+        "geomean_speedup_fused_vs_vllm_plus_safety": geo_vllm or "vLLM not importable: no vLLM baseline",
         "rows": rows,
     }
     a.out.mkdir(parents=True, exist_ok=True)
@@ -264,17 +329,22 @@ def main() -> None:
             "",
         ]
     md += [
-        "| module | tokens | mode | fused (us) | unfused (us) | no safety (us) | fused vs unfused | fused / no safety |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| module | tokens | mode | fused (us) | unfused (us) | vLLM task + safety (us) | no safety (us) | fused vs unfused | fused vs vLLM + safety | fused / no safety |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        v_us = f"{r['vllm_us']:.1f}" if r["vllm_us"] is not None else "n/a"
+        v_sp = f"{r['speedup_fused_vs_vllm']:.2f}x" if r["speedup_fused_vs_vllm"] is not None else "n/a"
         md.append(
             f"| {r['module']} | {r['tokens']} | {r['mode']} | {r['fused_us']:.1f} | {r['unfused_us']:.1f} |"
-            f" {r['no_safety_us']:.1f} | {r['speedup_fused_vs_unfused']:.2f}x | {r['overhead_fused_vs_no_safety']:.2f}x |"
+            f" {v_us} | {r['no_safety_us']:.1f} | {r['speedup_fused_vs_unfused']:.2f}x | {v_sp} |"
+            f" {r['overhead_fused_vs_no_safety']:.2f}x |"
         )
     md += [
         "",
         "Geometric-mean speedup fused vs unfused: " + ", ".join(f"{k} {v:.2f}x" for k, v in geo.items()),
+        "Geometric-mean speedup fused vs vLLM's task pass + safety pass: "
+        + (", ".join(f"{k} {v:.2f}x" for k, v in geo_vllm.items()) or "n/a (vLLM not importable)"),
         "",
     ]
     (a.out / f"{NAME}.md").write_text("\n".join(md))

@@ -184,7 +184,7 @@ class SafeguardConfig(BaseModel):
             "Apply the safety adapter (SAFEGUARD_SAFETY_ADAPTER_PATH / artifacts_dir) at serving time on top of "
             "every task adapter, with a per-request strength alpha (vllm_xargs 'safeguard_alpha'): "
             "y = x W + task LoRA + alpha * (x A_s) B_s. Needs a safety adapter covering every LoRA-wrapped "
-            "module of its selected layers, and tensor parallel size 1."
+            "module of its selected layers; not with --fully-sharded-loras or pipeline parallelism."
         ),
     )
     default_alpha: float = Field(

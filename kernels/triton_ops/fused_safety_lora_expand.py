@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -23,14 +24,16 @@ from .fused_safety_lora_meta import (
     _DTYPES,
     _T_WIDTH,
     _as_3d,
+    _capability,
     _dot_precision,
     _interpreting,
+    _num_stages,
     _pow2_clamp,
     _table,
     _upcast,
 )
 
-__all__ = ["ExpandConfig", "fused_safety_expand"]
+__all__ = ["ExpandConfig", "expand_launch", "fused_safety_expand"]
 
 
 @dataclass(frozen=True)
@@ -45,17 +48,60 @@ class ExpandConfig:
     num_stages: int = 2
 
 
-def _default_expand_config(m: int, max_n: int, r_t: int, r_s: int) -> ExpandConfig:
-    kt, ks = _pow2_clamp(r_t, 16, 64), _pow2_clamp(r_s, 16, 64)
-    if _interpreting():
+def _default_expand_config(
+    m: int, max_n: int, r_t: int, r_s: int, interpreter: bool | None = None
+) -> ExpandConfig:
+    """Defaults. The rank tiles depend on ``r`` and ``r_s`` alone (the task sum is computed the same
+    way with or without a safety delta) and stay <= 32, like vLLM's expand (block_k 32).
+
+    Why these tiles (sm_90, bf16, ranks 16-64, AOT-compiled: tests/kernels/test_fused_safety_lora_aot.py):
+    64 x 128 with 4 warps reached 255 registers and 320-728 bytes of spills even with one
+    accumulator; 8 warps at 64 x 128 fit (~233 registers, no spills), and 32 x 128 at 4 warps with a
+    64-wide rank tile spilled 160 bytes, hence the 32-wide rank tiles.
+    """
+    kt, ks = _pow2_clamp(r_t, 16, 32), _pow2_clamp(r_s, 16, 32)
+    if _interpreting() if interpreter is None else interpreter:
         return ExpandConfig(
             block_m=_pow2_clamp(m, 16, 32),
             block_n=_pow2_clamp(max_n, 16, 128),
             block_k_task=kt,
             block_k_safety=ks,
         )
-    block_m = 16 if m <= 16 else (32 if m <= 256 else 64)
-    return ExpandConfig(block_m=block_m, block_n=128, block_k_task=kt, block_k_safety=ks, num_warps=4)
+    if m <= 16:
+        return ExpandConfig(block_m=16, block_n=128, block_k_task=kt, block_k_safety=ks, num_warps=4)
+    if m <= 256:
+        return ExpandConfig(block_m=32, block_n=128, block_k_task=kt, block_k_safety=ks, num_warps=4)
+    return ExpandConfig(block_m=64, block_n=128, block_k_task=kt, block_k_safety=ks, num_warps=8)
+
+
+def expand_launch(
+    cfg: ExpandConfig,
+    *,
+    dtype: torch.dtype,
+    max_n: int,
+    has_task: bool,
+    has_safety: bool,
+    add_inputs: bool,
+    capability: tuple[int, int] | None,
+    interpreter: bool = False,
+) -> tuple[dict[str, Any], int, int]:
+    """``(constexprs, num_warps, num_stages)`` of one expand launch: the launcher and the AOT compile
+    (``aot.py``) build the same kernel variant from it. The fp32 buffer is cast to the weight dtype
+    before the dot, hence 1 stage on SM90 for 16-bit weights (:func:`_num_stages`)."""
+    constexprs = {
+        "MAX_N": max_n,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_KT": cfg.block_k_task,
+        "BLOCK_KS": cfg.block_k_safety,
+        "HAS_TASK": has_task,
+        "HAS_SAFETY": has_safety,
+        "ADD_INPUTS": add_inputs,
+        "UPCAST": _upcast(dtype, interpreter),
+        "DOT_PRECISION": _dot_precision(dtype),
+        "TABLE_W": _T_WIDTH,
+    }
+    return constexprs, cfg.num_warps, _num_stages(cfg.num_stages, capability, dtype != torch.float32)
 
 
 @triton.jit
@@ -135,9 +181,12 @@ def _fused_expand_kernel(
     n_mask = offs_n < n_slice
     buf_rows = buf_ptr + slice_id * buf_stride0 + ram[:, None] * buf_stride1
 
-    # Separate accumulators: the safety sum is only added where alpha != 0, so alpha 0 is exact.
-    acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # ONE fp32 accumulator for both sums. The safety rows of the A tile are loaded as exact zeros
+    # where alpha == 0 (masked load), so those rows add exact zeros after the task sum: alpha 0 stays
+    # bit-identical to the run without a safety delta. (Two [BLOCK_M, BLOCK_N] fp32 accumulators took
+    # the prefill config, 64 x 128 with 4 warps, to 255 registers and 536-728 bytes of spills on sm_90;
+    # one accumulator: see tests/kernels/test_fused_safety_lora_aot.py.)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_TASK:  # noqa: SIM102 -- constexpr test outside, runtime test inside (no `and` mixing)
         if do_task:
             b_base = tl.load(row + 2).to(tl.pointer_type(w_ty))
@@ -159,7 +208,7 @@ def _fused_expand_kernel(
                 if UPCAST:
                     a_tile = a_tile.to(tl.float32)
                     b_tile = b_tile.to(tl.float32)
-                acc_t += tl.dot(a_tile, b_tile, input_precision=DOT_PRECISION)
+                acc += tl.dot(a_tile, b_tile, input_precision=DOT_PRECISION)
     if HAS_SAFETY:  # noqa: SIM102 -- constexpr test outside, runtime test inside (no `and` mixing)
         if do_safe:
             bs_base = tl.load(row + 3).to(tl.pointer_type(w_ty))
@@ -169,7 +218,7 @@ def _fused_expand_kernel(
                 k_mask = k_idx < R_S
                 a_tile = tl.load(
                     buf_rows + (R_T + k_idx)[None, :] * buf_stride2,
-                    mask=row_mask[:, None] & k_mask[None, :],
+                    mask=has_alpha[:, None] & k_mask[None, :],
                     other=0.0,
                 )
                 b_tile = tl.load(
@@ -179,9 +228,8 @@ def _fused_expand_kernel(
                 if UPCAST:
                     a_tile = a_tile.to(tl.float32)
                     b_tile = b_tile.to(tl.float32)
-                acc_s += tl.dot(a_tile, b_tile, input_precision=DOT_PRECISION)
+                acc += tl.dot(a_tile, b_tile, input_precision=DOT_PRECISION)
 
-    acc = tl.where(has_alpha[:, None], acc_t + acc_s, acc_t)
     # Rows with neither a task adapter nor a non-zero alpha are not written at all.
     # (tl.where, not `has_alpha | do_task`: the interpreter turns vector|scalar bools into int32.)
     write_row = tl.where(do_task, row_mask, has_alpha)
@@ -264,6 +312,16 @@ def fused_safety_expand(
     )
     groups = int(num_active_groups) if isinstance(num_active_groups, int) else int(num_active_groups.item())
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(max_n, cfg.block_n), num_slices, groups)
+    constexprs, num_warps, num_stages = expand_launch(
+        cfg,
+        dtype=output.dtype,
+        max_n=max_n,
+        has_task=task_b is not None,
+        has_safety=safety_b is not None,
+        add_inputs=add_inputs,
+        capability=_capability(output),
+        interpreter=_interpreting(),
+    )
     b0 = task_b[0] if task_b is not None else None
     s0 = safety_b[0] if safety_b is not None else None
     _fused_expand_kernel[grid](
@@ -287,17 +345,7 @@ def fused_safety_expand(
         s0.stride(1) if s0 is not None else 0,
         output.stride(0),
         output.stride(1),
-        MAX_N=max_n,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_KT=cfg.block_k_task,
-        BLOCK_KS=cfg.block_k_safety,
-        HAS_TASK=task_b is not None,
-        HAS_SAFETY=safety_b is not None,
-        ADD_INPUTS=add_inputs,
-        UPCAST=_upcast(output.dtype),
-        DOT_PRECISION=_dot_precision(output.dtype),
-        TABLE_W=_T_WIDTH,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **constexprs,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )

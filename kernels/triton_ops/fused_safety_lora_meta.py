@@ -39,12 +39,24 @@ def _interpreting() -> bool:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 weights are for tests/debugging: keep them exact (no tf32) so they match the reference.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # TF32 for fp32 inputs, as tl.dot (and so vLLM's own LoRA kernels) do by default on NVIDIA:
+    # an fp32 model's LoRA gets the same rounding with and without the plugin. 16-bit inputs ignore it.
+    return "tf32"
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return _interpreting() and dtype == torch.bfloat16
+def _num_stages(stages: int, capability: tuple[int, int] | None, casts_to_16bit: bool) -> int:
+    """vLLM 0.33's rule (``lora_expand_op.py``): "Pipelined wgmma with a register A operand is
+    miscompiled by ptxas < 13.3 on SM90 (triton-lang/triton#9433)", so 1 stage on SM90 when the fp32
+    shrink buffer is cast to 16-bit weights for the dot."""
+    return 1 if capability == (9, 0) and casts_to_16bit else stages
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int] | None:
+    return tuple(torch.cuda.get_device_capability(t.device)) if t.is_cuda else None  # type: ignore[return-value]
+
+
+def _upcast(dtype: torch.dtype, interpreter: bool) -> bool:
+    return interpreter and dtype == torch.bfloat16
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:

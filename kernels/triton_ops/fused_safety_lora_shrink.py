@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -29,7 +30,7 @@ from .fused_safety_lora_meta import (
     _upcast,
 )
 
-__all__ = ["ShrinkConfig", "fused_safety_shrink"]
+__all__ = ["ShrinkConfig", "fused_safety_shrink", "shrink_launch"]
 
 
 @dataclass(frozen=True)
@@ -44,21 +45,59 @@ class ShrinkConfig:
     num_stages: int = 2
 
 
-def _default_shrink_config(m: int, k: int, r_t: int, r_s: int) -> ShrinkConfig:
+def _default_shrink_config(
+    m: int, k: int, r_t: int, r_s: int, interpreter: bool | None = None
+) -> ShrinkConfig:
     """Defaults. Nothing that sets the summation order of the task columns (block_k, split_k, and
     block_n, which sets the BLAS call shape in the interpreter) depends on ``r_s``, so adding a safety
     delta never changes the task part's bits."""
     # BLOCK_N spans the whole task rank (up to 64); when r_s <= r, as usual, the same program also
     # computes the safety columns from the same x tiles (one read of x for both).
     block_n = _pow2_clamp(r_t if r_t else r_s, 16, 64)
-    if _interpreting():
+    if _interpreting() if interpreter is None else interpreter:
         # The interpreter pays per program and per loop trip: few, large blocks.
         return ShrinkConfig(block_m=_pow2_clamp(m, 16, 32), block_n=block_n, block_k=_pow2_clamp(k, 16, 128))
+    # Tiles measured on sm_90 (AOT, tests/kernels/test_fused_safety_lora_aot.py): with the hidden tile at
+    # 128 a 64-wide rank tile spilled 1.7-2.9 KB (two fp32 accumulators, one x tile, two weight tiles),
+    # and a 64 x 64 x 128 prefill tile 1.5 KB at 4 warps. The hidden tile shrinks as the rank tile
+    # grows (it depends on r, never on r_s), and prefill tiles get 8 warps.
     block_m = 16 if m <= 16 else (32 if m <= 256 else 64)
-    block_k = 128
+    block_k = 128 if block_n <= 16 else (64 if block_n <= 32 else 32)
     # Few tokens => few CTAs along M/N; split the long K (hidden) axis across CTAs, as vLLM does.
     split_k = max(1, min(triton.cdiv(k, block_k) // 4, 16)) if m <= 128 else 1
-    return ShrinkConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4)
+    num_warps = 8 if block_m == 64 else 4
+    return ShrinkConfig(
+        block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps
+    )
+
+
+def shrink_launch(
+    cfg: ShrinkConfig,
+    *,
+    dtype: torch.dtype,
+    k: int,
+    r_t: int,
+    r_s: int,
+    has_task: bool,
+    has_safety: bool,
+    interpreter: bool = False,
+) -> tuple[dict[str, Any], int, int]:
+    """``(constexprs, num_warps, num_stages)`` of one shrink launch: the launcher and the AOT compile
+    (``aot.py``) build the same kernel variant from it."""
+    constexprs = {
+        "N_MAX": max(r_t, r_s),
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "SPLIT_K": cfg.split_k,
+        "EVEN_K": k % (cfg.block_k * cfg.split_k) == 0,
+        "HAS_TASK": has_task,
+        "HAS_SAFETY": has_safety,
+        "UPCAST": _upcast(dtype, interpreter),
+        "DOT_PRECISION": _dot_precision(dtype),
+        "TABLE_W": _T_WIDTH,
+    }
+    return constexprs, cfg.num_warps, cfg.num_stages
 
 
 @triton.jit
@@ -256,6 +295,16 @@ def fused_safety_shrink(
     groups = int(num_active_groups) if isinstance(num_active_groups, int) else int(num_active_groups.item())
     n_max = max(r_t, r_s)
     grid = (cfg.split_k * triton.cdiv(M, cfg.block_m) * triton.cdiv(n_max, cfg.block_n), num_slices, groups)
+    constexprs, num_warps, num_stages = shrink_launch(
+        cfg,
+        dtype=inputs.dtype,
+        k=K,
+        r_t=r_t,
+        r_s=r_s,
+        has_task=task_a is not None,
+        has_safety=safety_a is not None,
+        interpreter=_interpreting(),
+    )
     a0 = task_a[0] if task_a is not None else None
     s0 = safety_a[0] if safety_a is not None else None
     _fused_shrink_kernel[grid](
@@ -282,17 +331,7 @@ def fused_safety_shrink(
         output.stride(0),
         output.stride(1),
         output.stride(2),
-        N_MAX=n_max,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        SPLIT_K=cfg.split_k,
-        EVEN_K=K % (cfg.block_k * cfg.split_k) == 0,
-        HAS_TASK=task_a is not None,
-        HAS_SAFETY=safety_a is not None,
-        UPCAST=_upcast(inputs.dtype),
-        DOT_PRECISION=_dot_precision(inputs.dtype),
-        TABLE_W=_T_WIDTH,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **constexprs,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )

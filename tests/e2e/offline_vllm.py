@@ -5,7 +5,8 @@ running server, so two engines never share the 2 CPU cores)::
 
     python tests/e2e/offline_vllm.py spec.json out.json
 
-Two modes, one engine setup (fp32, LoRA rank 8, 2 slots, 256 tokens, seed 0):
+Two modes, one engine setup (fp32, LoRA rank 8, 2 slots, 256 tokens, seed 0; ``"tensor_parallel_size"``
+in the spec, default 1):
 
 * plugin off (no ``"cases"`` in the spec), one prompt at a time, like the server tests send them:
   spec ``{"model", "prompts": [...], "max_tokens": N, "adapters": {"name": path or null}}``,
@@ -103,6 +104,7 @@ def main(spec_path: str, out_path: str) -> None:
         max_lora_rank=8,
         max_model_len=256,
         seed=0,
+        tensor_parallel_size=int(spec.get("tensor_parallel_size", 1)),
         additional_config={"safeguard": spec["safeguard"] if alpha else {"enabled": False}},
     )
     out = _alpha_cases(llm, spec) if alpha else _plain(llm, spec)

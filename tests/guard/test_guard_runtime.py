@@ -1,4 +1,5 @@
-"""Guard runtime in the worker (planning, hook, records) and the HTTP side channel, without vLLM."""
+"""Guard runtime in the worker (planning, the in-graph op, records) and the HTTP side channel, without
+vLLM; the op under ``torch.compile(fullgraph=True)`` is in tests/plugin/test_compiled_path.py."""
 
 from __future__ import annotations
 
@@ -8,10 +9,18 @@ import json
 import pytest
 import torch
 
-from vllm_safeguard.alpha import AlphaPolicy, AlphaValueError, validate_extra_args, wants_auto, wants_score
+from kernels.torch_ops.guard_score import register_guard_score_op
+from vllm_safeguard.alpha import (
+    AlphaPolicy,
+    AlphaTable,
+    AlphaValueError,
+    validate_extra_args,
+    wants_auto,
+    wants_score,
+)
 from vllm_safeguard.guard import GuardManifest, GuardProbe
 from vllm_safeguard.integration.guard_http import collect_records, record_name
-from vllm_safeguard.integration.guard_runner import GuardRuntime
+from vllm_safeguard.integration.guard_runner import GuardBuffers, GuardRuntime
 
 
 def _probe(hidden: int = 4, threshold: float = 0.5) -> GuardProbe:
@@ -21,13 +30,20 @@ def _probe(hidden: int = 4, threshold: float = 0.5) -> GuardProbe:
     return GuardProbe(w, torch.tensor(0.0), torch.zeros(hidden), torch.ones(hidden), manifest)
 
 
+def _runtime(probe: GuardProbe | None = None, max_tokens: int = 8, **kw) -> GuardRuntime:
+    register_guard_score_op()
+    probe = probe or _probe()
+    buffers = GuardBuffers.make(probe, max_pending=4, token_alpha=torch.zeros(max_tokens))
+    return GuardRuntime(probe, buffers, AlphaTable(), **kw)
+
+
 def _flags(auto: list[bool], record: list[bool] | None = None):
     """``plan_step``'s flags callback from per-request lists."""
     return lambda i: (auto[i], bool(record and record[i]))
 
 
 def test_plan_step_finds_requests_whose_prefill_ends():
-    rt = GuardRuntime(_probe(), lambda *a: None)
+    rt = _runtime()
     # r0: prefill 5 tokens fully scheduled; r1: decode; r2: chunked prefill not finished; r3: not auto
     rt.plan_step(
         ["r0", "r1", "r2", "r3"],
@@ -44,27 +60,43 @@ def test_plan_step_finds_requests_whose_prefill_ends():
     assert [(p.req_id, p.token_index) for p in rt.pending] == [("r2", 1)]
 
 
-def test_hook_scores_decides_and_records(tmp_path):
-    decisions = []
+def test_op_scores_decides_and_records(tmp_path):
     seen = []
-    rt = GuardRuntime(
-        _probe(),
-        lambda *a: decisions.append(a),
-        runtime_dir=tmp_path,
-        observe=lambda s, f: seen.append((s, f)),
-    )
+    rt = _runtime(runtime_dir=tmp_path, observe=lambda s, f: seen.append((s, f)))
     rt.plan_step(["cmpl-a-0-x", "cmpl-b-0-y"], [2, 3], [0, 0], [2, 3], _flags([True, True], [True, False]))
+    rt.buffers.token_alpha[:5] = 0.25  # the step's alphas before the guard decides
+    rt.apply(5)
     hidden = torch.zeros(5, 4)
     hidden[1, 0] = 1.0  # request a's last prompt token: harmful
     hidden[4, 0] = -1.0  # request b's: benign
     rt.hook(torch.nn.Identity(), (), (hidden, torch.zeros(5, 4)))
-    assert decisions == [("cmpl-a-0-x", 1.0, 0, 2), ("cmpl-b-0-y", 0.0, 2, 5)]
+    # This very pass: the layers after L use the decided alpha for each pending request's tokens.
+    assert rt.buffers.token_alpha[:5].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    rt.collect()  # after the step: the later steps, metrics and records
+    assert (rt.table.get("cmpl-a-0-x"), rt.table.get("cmpl-b-0-y")) == (1.0, 0.0)
     assert [f for _, f in seen] == [True, False]
-    assert rt.pending == []
+    assert rt.pending == [] and rt._current == []
     recs = collect_records(tmp_path, "cmpl-a")
     assert len(recs) == 1 and recs[0]["flagged"] is True and recs[0]["alpha"] == 1.0
     assert collect_records(tmp_path, "cmpl-b") == []  # b did not ask for its score
     assert not list(tmp_path.iterdir())  # records are consumed
+
+
+def test_op_leaves_tokens_of_requests_not_pending_alone():
+    rt = _runtime()
+    rt.plan_step(["d0", "p1"], [1, 3], [7, 0], [4, 3], _flags([True, True]))  # d0 decodes
+    rt.buffers.token_alpha[:4] = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    rt.apply(4)
+    hidden = torch.zeros(4, 4)
+    hidden[3, 0] = 2.0  # p1's last prompt token
+    rt.hook(torch.nn.Identity(), (), hidden)  # a layer returning a tensor, not (hidden, residual)
+    assert rt.buffers.token_alpha[:4].tolist() == [0.5, 1.0, 1.0, 1.0]
+    # The next step plans nothing: the op writes no alpha, and stale plan tails are reset.
+    rt.apply(2)
+    assert rt.buffers.token_pending[:4].tolist() == [-1, -1, -1, -1]
+    rt.buffers.token_alpha[:2] = 0.0
+    rt.hook(torch.nn.Identity(), (), torch.ones(2, 4))
+    assert rt.buffers.token_alpha[:2].tolist() == [0.0, 0.0]
 
 
 def test_record_names_are_sanitised():
@@ -117,7 +149,7 @@ def test_middleware_adds_headers(tmp_path, monkeypatch):
 def test_plan_step_looks_up_flags_only_for_requests_ending_their_prefill():
     import numpy as np
 
-    rt = GuardRuntime(_probe(), lambda *a: None)
+    rt = _runtime()
     asked: list[int] = []
 
     def flags(i: int) -> tuple[bool, bool]:

@@ -441,6 +441,36 @@ def test_custom_op_schema_and_call() -> None:
         torch.testing.assert_close(y, run_kernel(c, scaling=0.5, add_inputs=add), atol=0, rtol=0)
 
 
+@torch.no_grad()
+def test_custom_op_under_torch_compile_reads_alpha_changed_in_place() -> None:
+    """The op traced by ``torch.compile(fullgraph=True)`` (as vLLM compiles a model) and called again
+    with alphas refilled in place: same outputs as the eager op for alpha 0 / 0.5 / 1 / 2, one trace."""
+    register_fused_safety_lora_op()
+    c = make_case(64, (32, 16), 8, 4, 6, seed=5)
+    meta = c.meta()
+    args = meta.meta_args(6, False)
+    traces = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        traces.append(gm)
+        return gm.forward
+
+    def layer(y: torch.Tensor) -> torch.Tensor:
+        torch.ops.safeguard.fused_safety_lora(y, c.x, *c.weights(), meta.token_alpha, *args, 1.0, True)
+        return y
+
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    outs = []
+    for value in (0.0, 0.5, 1.0, 2.0):
+        meta.prepare_tensors(c.mapping, torch.full((6,), value))
+        meta.skip_flag_cpu[0] = False
+        got = compiled(c.y.clone())
+        torch.testing.assert_close(got, layer(c.y.clone()), atol=0, rtol=0)
+        outs.append(got)
+    assert len(traces) == 1
+    assert not torch.equal(outs[0], outs[2]) and not torch.equal(outs[2], outs[3])
+
+
 def test_kernels_stand_alone() -> None:
     """Nothing under kernels/ imports vLLM or vllm_safeguard, and the torch references import (and
     run) where triton is missing; the Triton names then fail with ImportError, not silently."""

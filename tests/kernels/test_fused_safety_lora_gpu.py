@@ -128,3 +128,95 @@ def test_gpu_cuda_graph_alpha_in_place() -> None:
         ref = y0.clone()
         fused_safety_lora_ref(ref, x, la, lb, sa, sb, alpha.to(DEV), mapping.to(DEV))
         torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=2e-2)
+
+
+def test_gpu_fp32_uses_tf32_like_vllm() -> None:
+    """fp32 weights: TF32 dots (tl.dot's default, as in vLLM's LoRA kernels), so ~1e-3 relative."""
+    k, outs, r, r_s = SHAPES[3]
+    la, lb, sa, sb = _weights(k, outs, r, r_s, 4, torch.float32)
+    x, y0, mapping, alpha = _batch(64, k, sum(outs), 4, torch.float32)
+    meta = make_safety_lora_meta(mapping, alpha, 4, DEV)
+    got = y0.clone()
+    fused_safety_lora(got, x, la, lb, sa, sb, meta.token_alpha[:64], *meta.meta_args(64))
+    ref = y0.clone()
+    fused_safety_lora_ref(ref, x, la, lb, sa, sb, alpha.to(DEV), mapping.to(DEV))
+    torch.testing.assert_close(got, ref, atol=1e-2, rtol=5e-3)
+
+
+@torch.no_grad()
+def test_gpu_compiled_op_replayed_in_a_cuda_graph_reads_new_alpha() -> None:
+    """The registered op traced by torch.compile(fullgraph=True) and captured in a CUDA graph, as vLLM
+    runs a layer: alpha refilled in place between replays, each replay matches the reference."""
+    from kernels.triton_ops.fused_safety_lora import register_fused_safety_lora_op
+
+    register_fused_safety_lora_op()
+    dtype, m, max_loras = torch.bfloat16, 16, 4
+    k, outs, r, r_s = SHAPES[0]
+    la, lb, sa, sb = _weights(k, outs, r, r_s, max_loras, dtype)
+    x, y0, mapping, _ = _batch(m, k, sum(outs), max_loras, dtype)
+    meta = SafetyLoRAKernelMeta.make(max_loras, m, DEV)
+    meta.prepare_tensors(mapping, torch.ones(m))
+    meta.skip_flag_cpu[0] = False  # as the plugin's wrapper forces: never skip inside a graph
+    args = meta.meta_args(m, specialize_active_groups=False)
+    y = torch.empty_like(y0)
+
+    def layer() -> None:
+        y.copy_(y0)
+        torch.ops.safeguard.fused_safety_lora(y, x, la, lb, sa, sb, meta.token_alpha[:m], *args, 1.0, True)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        compiled()
+    for value in (0.0, 0.5, 1.0, 2.0):
+        alpha = torch.full((m,), value)
+        meta.prepare_tensors(mapping, alpha)
+        meta.skip_flag_cpu[0] = False
+        graph.replay()
+        ref = y0.clone()
+        fused_safety_lora_ref(ref, x, la, lb, sa, sb, alpha.to(DEV), mapping.to(DEV))
+        torch.testing.assert_close(y.float(), ref.float(), atol=3e-2, rtol=2e-2)
+
+
+@torch.no_grad()
+def test_gpu_guard_score_op_in_a_cuda_graph() -> None:
+    """The guard's op captured once; the pending requests change between replays (buffers in place)."""
+    from kernels.torch_ops.guard_score import register_guard_score_op
+
+    register_guard_score_op()
+    n, hidden, cap = 8, 32, 4
+    f32 = dict(dtype=torch.float32, device=DEV)
+    weight = torch.zeros(hidden, **f32)
+    weight[0] = 10.0
+    bias, mean, std = torch.zeros(1, **f32), torch.zeros(hidden, **f32), torch.ones(hidden, **f32)
+    decision = torch.tensor([0.5, 0.0, 1.0], **f32)
+    index = torch.zeros(cap, dtype=torch.int64, device=DEV)
+    valid = torch.zeros(cap, dtype=torch.bool, device=DEV)
+    owner = torch.full((n,), -1, dtype=torch.int64, device=DEV)
+    alpha = torch.full((n,), 0.5, **f32)
+    scores = torch.zeros(cap, **f32)
+    h = torch.zeros(n, hidden, dtype=torch.bfloat16, device=DEV)
+
+    def step() -> None:
+        torch.ops.safeguard.guard_score(
+            h, None, index, valid, owner, weight, bias, mean, std, decision, alpha, scores
+        )
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for last, sign, expect in ((2, 1.0, 1.0), (5, -1.0, 0.0)):
+        h.zero_()
+        h[last, 0] = sign
+        alpha.fill_(0.5)
+        index.copy_(torch.tensor([last, 0, 0, 0]))
+        valid.copy_(torch.tensor([True, False, False, False]))
+        owner.copy_(torch.tensor([0 if t <= last else -1 for t in range(n)]))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert alpha.tolist() == [expect] * (last + 1) + [0.5] * (n - last - 1)
+        assert (scores[0].item() >= 0.5) == (sign > 0)

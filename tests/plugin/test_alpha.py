@@ -155,18 +155,26 @@ def _safety(seed: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     ]
 
 
+def _bind(ours: Any, safety: Any) -> Any:
+    """A LoRA layer bound to ``ours`` with ``safety`` (a LayerSafety or None); its punica wrapper."""
+    layer = SimpleNamespace(output_slices=OUTS)
+    layer.set_mapping = lambda w: setattr(layer, "punica_wrapper", w)
+    ours.bind_layers([("l", layer, safety)])
+    return layer.punica_wrapper
+
+
 def test_cpu_wrapper_matches_dense() -> None:
     from vllm_safeguard.integration.layer_table import LayerSafety
 
     ours, _, a, b = _wrapper_and_layer()
     sa, sb = _safety()
-    ours.attach_safety({a[0].data_ptr(): LayerSafety("l", sa, sb)})
+    bound = _bind(ours, LayerSafety("l", sa, sb))
     alpha = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0])
     ours.set_token_alpha(alpha)
     x = torch.randn(7, IN, generator=torch.Generator().manual_seed(2))
     y0 = torch.randn(7, sum(OUTS))
     y = y0.clone()
-    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+    bound.add_lora_linear(y, x, a, b, 1.0, OUTS)
 
     slot = [0, 0, 0, -1, -1, 1, 1]
     expected = y0.double().clone()
@@ -192,21 +200,21 @@ def test_cpu_wrapper_alpha_zero_and_uncovered_layers_are_bit_identical() -> None
     ref = y0.clone()
     plain.add_lora_linear(ref, x, a, b, 1.0, OUTS)
 
-    ours.attach_safety({a[0].data_ptr(): LayerSafety("l", sa, sb)})
+    bound = _bind(ours, LayerSafety("l", sa, sb))
     ours.set_token_alpha(torch.zeros(7))
     y = y0.clone()
-    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+    bound.add_lora_linear(y, x, a, b, 1.0, OUTS)
     assert torch.equal(y, ref)
 
     ours.set_token_alpha(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))  # only token 3
     y = y0.clone()
-    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+    bound.add_lora_linear(y, x, a, b, 1.0, OUTS)
     changed = (y != ref).any(dim=1).tolist()
     assert changed == [False, False, False, True, False, False, False]
 
-    ours.attach_safety({})  # a layer without safety weights: the parent, unchanged
+    unselected = _bind(ours, None)  # a layer without safety weights: the parent, unchanged
     y = y0.clone()
-    ours.add_lora_linear(y, x, a, b, 1.0, OUTS)
+    unselected.add_lora_linear(y, x, a, b, 1.0, OUTS)
     assert torch.equal(y, ref)
 
 
@@ -298,8 +306,9 @@ def test_layer_table_maps_packed_slices() -> None:
     safety = _fake_safety([0, 1], ["q_proj", "k_proj", "v_proj", "o_proj"])
     layers = _fake_layers()
     table = build_layer_safety(layers, PACKED, safety)
-    assert len(table) == 4
-    qkv = table[layers[0][1].lora_a_stacked[0].data_ptr()]
+    assert len(table) == 4 and all(s is not None for _, _, s in table)
+    name, layer, qkv = table[0]
+    assert (name, layer) == layers[0] and qkv is not None
     assert [t.shape for t in qkv.b] == [(32, 2), (16, 2), (16, 2)]
     k = safety.adapter.modules["model.layers.0.self_attn.k_proj"]
     assert torch.equal(qkv.b[1], k.lora_b * 0.5)  # scaling folded
@@ -310,15 +319,12 @@ def test_layer_table_fails_loudly_on_partial_coverage() -> None:
 
     with pytest.raises(SafetyCoverageError, match="covers 2 of 4"):
         build_layer_safety(_fake_layers(), PACKED, _fake_safety([0, 1], ["q_proj", "v_proj", "o_proj"]))
-    # Layers outside the adapter's selected layers are not expected (data-aware selection) ...
-    assert (
-        len(
-            build_layer_safety(
-                _fake_layers(), PACKED, _fake_safety([1], ["q_proj", "k_proj", "v_proj", "o_proj"])
-            )
-        )
-        == 2
+    # Layers outside the adapter's selected layers are not expected (data-aware selection): they
+    # are bound without safety weights (vLLM's task LoRA alone) ...
+    table = build_layer_safety(
+        _fake_layers(), PACKED, _fake_safety([1], ["q_proj", "k_proj", "v_proj", "o_proj"])
     )
+    assert [s is not None for _, _, s in table] == [False, False, True, True]
     # ... but a selection that covers nothing served is an error, not a silent no-op.
     with pytest.raises(SafetyCoverageError, match="no LoRA-wrapped"):
         build_layer_safety(_fake_layers(), PACKED, _fake_safety([7], ["q_proj"]))
@@ -341,6 +347,18 @@ def _req(alpha: Any = None, lora_id: int | None = 1) -> Any:
     return SimpleNamespace(sampling_params=SimpleNamespace(extra_args=extra), lora_request=lora)
 
 
+def _stage(
+    filler: Any, req_ids: list[str], requests: dict[str, Any], num_scheduled: np.ndarray
+) -> torch.Tensor:
+    """One step: stage from ``requests`` (as a runner's hook does), then apply."""
+
+    def request(rid: str) -> tuple[Any, Any]:
+        return requests[rid].sampling_params, requests[rid].lora_request
+
+    filler.stage(req_ids, num_scheduled, request, lambda guard, flags: None, requests)
+    return filler.apply(int(num_scheduled.sum()))  # type: ignore[no-any-return]
+
+
 def test_filler_per_token_alpha_defaults_and_table() -> None:
     pytest.importorskip("vllm")
     from vllm_safeguard.integration.alpha_runner import TokenAlphaFiller
@@ -348,24 +366,57 @@ def test_filler_per_token_alpha_defaults_and_table() -> None:
     sink = _Sink()
     filler = TokenAlphaFiller([sink], POLICY)  # type: ignore[list-item]
     requests = {"a": _req(0.0), "b": _req(None), "c": _req(None, lora_id=None), "d": _req(0.5, None)}
-    out = filler.fill(["a", "b", "c", "d"], requests, np.array([2, 1, 3, 1]))
+    out = _stage(filler, ["a", "b", "c", "d"], requests, np.array([2, 1, 3, 1]))
     assert out.tolist() == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.5]
     assert out.dtype == torch.float32 and sink.got[-1].tolist() == out.tolist()
-    filler.table.set("c", 0.75)  # the guard decides for request c
-    out = filler.fill(["c", "a"], requests, np.array([1, 1]))
+    filler.table.set("c", 0.75)  # the guard decided for request c (GuardRuntime.collect)
+    out = _stage(filler, ["c", "a"], requests, np.array([1, 1]))
     assert out.tolist() == [0.75, 0.0]
 
 
-def test_guard_decision_updates_table_and_current_step() -> None:
+def test_dummy_and_capture_runs_get_alpha_zero() -> None:
+    """A step without staged alphas (vLLM's dummy, profile and CUDA-graph capture runs call only
+    _set_active_loras) writes zeros of the mapping's size; a stale stage never leaks into it."""
+    pytest.importorskip("vllm")
+    from vllm_safeguard.integration.alpha_runner import TokenAlphaFiller
+
+    sink = _Sink()
+    filler = TokenAlphaFiller([sink], POLICY)  # type: ignore[list-item]
+    assert filler.apply(3).tolist() == [0.0, 0.0, 0.0]
+    requests = {"a": _req(1.0)}
+    filler.stage(
+        ["a"], np.array([2]), lambda r: (requests[r].sampling_params, None), lambda g, f: None, requests
+    )
+    assert filler.apply(5).tolist() == [0.0] * 5  # staged for 2 tokens, the run has 5: not this step's
+    assert filler.apply(2).tolist() == [0.0, 0.0]  # the stage was consumed
+
+
+def test_guard_decision_reaches_the_next_step() -> None:
     from vllm_safeguard.integration.alpha_runner import TokenAlphaFiller
 
     ours, _, _, _ = _wrapper_and_layer()
     filler = TokenAlphaFiller([ours], POLICY)
     requests = {"a": _req(0.0), "b": _req(0.0)}
-    filler.fill(["a", "b"], requests, np.array([3, 2]))
-    assert not ours._safeguard_any_alpha
-    filler.apply_decision("b", 1.0, 3, 5)  # e.g. the guard flags request b during its prefill
-    assert ours.safeguard_alpha[:5].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0] and ours._safeguard_any_alpha
-    assert filler.fill(["b", "a"], requests, np.array([1, 1])).tolist() == [1.0, 0.0]  # next step
-    with pytest.raises(ValueError, match="outside"):
-        ours.set_alpha_range(0, 9, 1.0)
+    _stage(filler, ["a", "b"], requests, np.array([3, 2]))
+    assert ours.safeguard_alpha[:5].tolist() == [0.0] * 5
+    filler.table.set("b", 1.0)  # the guard flagged request b (its op already set this step's alpha)
+    assert _stage(filler, ["b", "a"], requests, np.array([1, 1])).tolist() == [1.0, 0.0]  # next step
+    assert ours.safeguard_alpha[:2].tolist() == [1.0, 0.0]
+
+
+def test_unsupported_modes_are_refused_naming_the_flag() -> None:
+    pytest.importorskip("vllm")
+    from vllm_safeguard.errors import SafetyPathError
+    from vllm_safeguard.integration.alpha_runner import _refuse_unsupported
+
+    def cfg(fully_sharded: bool = False, pp: int = 1) -> Any:
+        return SimpleNamespace(
+            lora_config=SimpleNamespace(fully_sharded_loras=fully_sharded),
+            parallel_config=SimpleNamespace(pipeline_parallel_size=pp, tensor_parallel_size=2),
+        )
+
+    _refuse_unsupported(cfg())  # tensor parallelism is supported (layer_table shards the weights)
+    with pytest.raises(SafetyPathError, match="--fully-sharded-loras"):
+        _refuse_unsupported(cfg(fully_sharded=True))
+    with pytest.raises(SafetyPathError, match="--pipeline-parallel-size 2"):
+        _refuse_unsupported(cfg(pp=2))

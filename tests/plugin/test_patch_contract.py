@@ -27,6 +27,13 @@ EXPECTED = {
     "runner_load_lora_model",
     "runner_set_active_loras",
     "input_processor_init",
+    # the default GPU path (issue 17): both runners, dummy and capture runs, guard after the step
+    "runner__set_active_loras",
+    "v2_lora_state_make_lora_inputs",
+    "v2_runner_add_requests",
+    "v2_runner_remove_request",
+    "v1_runner_execute_model",
+    "v2_runner_execute_model",
 }
 
 
@@ -165,17 +172,33 @@ def test_runners_inherit_the_patched_lora_mixin_methods() -> None:
         mod, _, name = target.partition(":")
         cls = vp._resolve_holder(mod, name)
         assert issubclass(cls, LoRAModelRunnerMixin), target
-        for attr in ("load_lora_model", "set_active_loras"):
+        for attr in ("load_lora_model", "set_active_loras", "_set_active_loras"):
             assert vp._unwrap(getattr(cls, attr)) is vp._unwrap(LoRAModelRunnerMixin.__dict__[attr]), (
                 target,
                 attr,
             )
-    # The CPU runner calls set_active_loras (not only _set_active_loras) through GPUModelRunner.
     import inspect
 
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
 
-    assert "self.set_active_loras(" in inspect.getsource(GPUModelRunner)
+    # V1 runners stage alpha in set_active_loras, which calls _set_active_loras; V2 stages in
+    # LoraState.make_lora_inputs, whose result goes to _set_active_loras. If either call moves, the
+    # per-token alpha would silently stay 0: fail here instead.
+    assert "self.set_active_loras(" in inspect.getsource(V1)
+    v2 = inspect.getsource(V2)
+    assert "self.lora_state.make_lora_inputs(" in v2 and "self._set_active_loras(*lora_inputs)" in v2
+    # The runners that subclass V1/V2 inherit the patched step methods (the guard reads its scores
+    # after execute_model; V2 records sampling params in add_requests).
+    for target in monkey_patch.V1_RUNNERS[1:]:
+        mod, _, name = target.partition(":")
+        assert vp._unwrap(vp._resolve_holder(mod, name).execute_model) is vp._unwrap(
+            V1.__dict__["execute_model"]
+        )
+    for target in monkey_patch.V2_RUNNERS[1:]:
+        cls = vp._resolve_holder(*target.split(":"))
+        for attr in ("execute_model", "add_requests", "_remove_request"):
+            assert vp._unwrap(getattr(cls, attr)) is vp._unwrap(V2.__dict__[attr]), (target, attr)
 
 
 def test_punica_selector_patch_only_swaps_when_asked(patched: None) -> None:
@@ -198,28 +221,42 @@ def test_punica_selector_patch_only_swaps_when_asked(patched: None) -> None:
         selector.request_safety_wrapper(False)
 
 
-def test_set_active_loras_wrapper_fills_alpha_after_the_original() -> None:
+def test_step_wrappers_stage_before_and_apply_after_the_original() -> None:
     import numpy as np
 
     from vllm_safeguard.integration.alpha_runner import FILLER_ATTR
 
     calls: list[str] = []
 
-    def original(
+    def set_active(
         self: object, input_batch: object, num_scheduled_tokens: object, *a: object, **k: object
     ) -> None:
-        calls.append("original")
+        calls.append("set_active_loras")
+        _set_active(self, (1,), (1, 1, 1))
+
+    def original_set(self: object, prompt: object, token: object, *a: object, **k: object) -> None:
+        calls.append("_set_active_loras")
 
     class Filler:
-        def fill(self, req_ids: list[str], requests: dict[str, object], n: object) -> None:
-            calls.append(f"fill {req_ids}")
+        guard = None
+
+        def stage(self, req_ids: list[str], n: object, *a: object) -> None:
+            calls.append(f"stage {list(req_ids)}")
+
+        def apply(self, num_tokens: int) -> None:
+            calls.append(f"apply {num_tokens}")
 
     runner = type("R", (), {})()
     runner.requests = {}
-    wrapper = monkey_patch._wrap_set_active_loras(original)
-    batch = type("B", (), {"req_ids": ["r1"]})()
+    _set_active = monkey_patch._wrap__set_active_loras(original_set)
+    wrapper = monkey_patch._wrap_set_active_loras(set_active)
+    batch = type("B", (), {"req_ids": ["r1"], "num_computed_tokens_cpu": [0], "num_prompt_tokens": [3]})()
     wrapper(runner, batch, np.array([3]))
-    assert calls == ["original"]  # no filler: the alpha path is off, nothing else runs
+    assert calls == ["set_active_loras", "_set_active_loras"]  # no filler: the alpha path is off
     setattr(runner, FILLER_ATTR, Filler())
+    calls.clear()
     wrapper(runner, batch, np.array([3]))
-    assert calls[1:] == ["original", "fill ['r1']"]
+    assert calls == ["stage ['r1']", "set_active_loras", "_set_active_loras", "apply 3"]
+    calls.clear()
+    _set_active(runner, (), (-1, -1), set(), "TOWER")  # a multimodal tower's mapping: not the LM's alpha
+    assert calls == ["_set_active_loras"]

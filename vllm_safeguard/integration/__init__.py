@@ -9,11 +9,12 @@ monkey_patch           every patch, each a thin wrapper handing over to one modu
 worker_state           per-worker state attached to vLLM's LoRA manager; the served model's name
 worker_hook            admission in the worker: vLLM only ever reads the canonical copy
 api_server             front-end checks: path containment, refusal -> 400, lost admitted copies
-punica_wrapper/        vLLM's punica wrapper per platform + the per-token safety delta
-layer_table            the safety weights of each LoRA layer, coverage-checked
-alpha_runner           attach the safety weights to the runner, fill per-token alpha every step
+punica_wrapper/        vLLM's punica wrapper per platform + the per-token safety delta, bound layers
+safety_op              the op every bound LoRA layer calls (static layer id; why ops, not Python)
+layer_table            the safety weights of each LoRA layer, coverage-checked, TP-sharded
+alpha_runner           bind the safety weights, stage and write per-token alpha on both runners
 alpha_validator        ``vllm.logits_processors`` entry point: 400 for a bad ``safeguard_alpha``
-guard_runner           the DSA guard probe inside the forward pass ("auto" mode)
+guard_runner           the DSA guard probe as an op in the forward pass ("auto" mode)
 guard_http             middleware returning guard scores as response headers
 offline_engine         vLLM's offline ``LLM`` as a generator for the evaluation harness
 =====================  ===========================================================================

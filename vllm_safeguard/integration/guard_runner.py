@@ -1,24 +1,24 @@
-"""Guard probe inside the vLLM worker: score each request at the end of its prefill ("auto" mode).
+"""Guard probe inside the vLLM worker: score each "auto" request at the end of its prefill.
 
 Semantics (one engine step)::
 
-    # before the forward pass (from the per-step LoRA/alpha fill):
+    # before the forward pass (from vLLM's _set_active_loras, through alpha_runner):
     for request i in the batch, with c = computed tokens, p = prompt tokens, n = scheduled tokens:
-        if c < p <= c + n:                       # its prefill ends in this step
-            pending += (req_id_i, offset_i + (p - c - 1))   # flat index of its last prompt token
-    # during the forward pass, after decoder layer L (forward hook, no extra pass):
-    h = hidden_states + residual                 # the residual stream (vLLM fuses the add into the next norm)
-    for (req, t) in pending:
-        score = probe.score(h[t]);  alpha = probe.alpha_for(score)
-        table.set(req, alpha)                    # decode tokens of `req` use it from the next step on
-        token_alpha[tokens of req in this step] = alpha   # layers after L in this very pass use it too
+        if it asked for "auto" and c < p <= c + n:   # its prefill ends in this step
+            pending += (req_i, offset_i + (p - c - 1))   # flat index of its last prompt token
+    pending_index[k], pending_valid[k], token_pending[t] <- pending   (persistent buffers, in place)
+    # in the forward pass, after decoder layer L: torch.ops.safeguard.guard_score (one op)
+    h = hidden_states + residual                     # the residual stream at L's output
+    score[k] = sigmoid(((h[pending_index[k]] - mean) / std) . w + b)
+    alpha_k  = alpha_high if score[k] >= threshold else alpha_low
+    token_alpha[t] = alpha_k for every token t of pending request k    # layers after L use it now
+    # after the step (GuardRuntime.collect): scores -> AlphaTable (the request's later steps),
+    #   metrics, and the per-request record the HTTP middleware returns as headers
 
-The probe reads a hidden state the serving pass computes anyway: no second model, no extra pass.
-Only requests that asked for ``"auto"`` are scored. Scores are also written to a small per-request
-record in ``runtime_dir`` (when set) so the API-server middleware can return them to the client.
-
-GPU note: the hook is Python; under CUDA graphs / torch.compile it would not re-run on replay, so
-auto mode requires ``--enforce-eager`` on GPU (vLLM on CPU with LoRA already runs eagerly).
+The probe reads a hidden state the serving pass computes anyway: no second model, no extra pass. The
+op is fixed-shape tensor work on persistent buffers (no host sync, no data-dependent Python), so it is
+traced once by torch.compile and replays inside CUDA graphs; a forward hook only places the op call
+after layer L (Dynamo inlines the hook: its body is the op, nothing else).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..alpha import wants_auto, wants_score
+from kernels.torch_ops.guard_score import register_guard_score_op
+
+from ..alpha import AlphaTable, wants_auto, wants_score
 from ..core.model_files import model_fingerprint
 from ..errors import SafetyPathError
 from ..guard.probe import GuardProbe
 from ..metrics import get_metrics
 from .guard_http import record_name, runtime_dir
+
+try:  # vLLM's marker for the syncs it allows inside execute_model (VLLM_GPU_SYNC_CHECK)
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+except ImportError:  # pragma: no cover - older vLLM
+    gpu_sync_allowed = nullcontext  # type: ignore[assignment,misc]
 
 logger = logging.getLogger("vllm_safeguard")
 
@@ -54,16 +62,65 @@ class PendingScore:
 
 
 @dataclass
+class GuardBuffers:
+    """The op's persistent inputs and outputs (allocated once, before any graph is captured)."""
+
+    pending_index: torch.Tensor  # [P] int64
+    pending_valid: torch.Tensor  # [P] bool
+    token_pending: torch.Tensor  # [max_tokens] int64, -1 = the token's request is not pending
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    decision: torch.Tensor  # [threshold, alpha_low, alpha_high]
+    token_alpha: torch.Tensor  # the safety wrappers' alpha buffer (shared, not a copy)
+    scores: torch.Tensor  # [P] fp32
+
+    @staticmethod
+    def make(probe: GuardProbe, max_pending: int, token_alpha: torch.Tensor) -> GuardBuffers:
+        dev, f32 = token_alpha.device, torch.float32
+        m = probe.manifest
+        return GuardBuffers(
+            pending_index=torch.zeros(max_pending, dtype=torch.int64, device=dev),
+            pending_valid=torch.zeros(max_pending, dtype=torch.bool, device=dev),
+            token_pending=torch.full((token_alpha.numel(),), -1, dtype=torch.int64, device=dev),
+            weight=probe.weight.to(dev, f32),
+            bias=probe.bias.reshape(1).to(dev, f32),
+            mean=probe.mean.to(dev, f32),
+            std=probe.std.to(dev, f32),
+            decision=torch.tensor([m.threshold, m.alpha_low, m.alpha_high], dtype=f32, device=dev),
+            token_alpha=token_alpha,
+            scores=torch.zeros(max_pending, dtype=f32, device=dev),
+        )
+
+    def op_args(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.pending_index,
+            self.pending_valid,
+            self.token_pending,
+            self.weight,
+            self.bias,
+            self.mean,
+            self.std,
+            self.decision,
+            self.token_alpha,
+            self.scores,
+        )
+
+
+@dataclass
 class GuardRuntime:
-    """Per-worker guard state. ``alpha_sink(req_id, alpha, start, end)`` applies a decision."""
+    """Per-worker guard state: plan (host) -> buffers (device, in place) -> op -> collect (host)."""
 
     probe: GuardProbe
-    alpha_sink: Callable[[str, float, int, int], None]
+    buffers: GuardBuffers
+    table: AlphaTable  # per-request alphas of later steps (the alpha filler reads it first)
     runtime_dir: Path | None = None
     observe: Callable[[float, bool], None] | None = None  # metrics: (score, flagged)
-    pending: list[PendingScore] = field(default_factory=list)
-    scores: dict[str, float] = field(default_factory=dict)
-    _device_ready: bool = False
+    scores_by_request: dict[str, float] = field(default_factory=dict)
+    _staged: list[PendingScore] | None = None
+    _current: list[PendingScore] = field(default_factory=list)
+    _num_tokens: int = 0
 
     def plan_step(
         self,
@@ -83,42 +140,62 @@ class GuardRuntime:
         c = np.asarray(num_computed, dtype=np.int64)[: len(n)]
         p = np.asarray(num_prompt, dtype=np.int64)[: len(n)]
         starts = np.cumsum(n) - n
-        self.pending = []
+        pending = []
         for i in np.flatnonzero((c < p) & (p <= c + n)).tolist():
             auto, record = flags(i)
             if auto:
                 start = int(starts[i])
-                end = start + int(n[i])
-                self.pending.append(
-                    PendingScore(req_ids[i], start + int(p[i] - c[i]) - 1, start, end, record)
+                pending.append(
+                    PendingScore(req_ids[i], start + int(p[i] - c[i]) - 1, start, start + int(n[i]), record)
                 )
+        self._staged = pending
 
-    def _to(self, device: torch.device, dtype: torch.dtype) -> None:
-        pr = self.probe
-        pr.weight, pr.bias = pr.weight.to(device, torch.float32), pr.bias.to(device, torch.float32)
-        pr.mean, pr.std = pr.mean.to(device, torch.float32), pr.std.to(device, torch.float32)
-        self._device_ready = True
+    @property
+    def pending(self) -> list[PendingScore]:
+        """The plan staged by the last :meth:`plan_step` (not yet applied)."""
+        return list(self._staged or [])
+
+    def apply(self, num_tokens: int) -> None:
+        """Write this step's plan into the op's buffers, in place (no plan staged, as in dummy and
+        capture runs: nothing pending). Called after the alpha buffer is filled."""
+        pending, self._staged = (self._staged or []), None
+        b = self.buffers
+        cap = b.pending_index.numel()
+        if len(pending) > cap:
+            raise ValueError(f"{len(pending)} requests end their prefill in one step; the guard holds {cap}")
+        index = torch.zeros(cap, dtype=torch.int64)
+        valid = torch.zeros(cap, dtype=torch.bool)
+        owner = torch.full((max(num_tokens, self._num_tokens),), -1, dtype=torch.int64)
+        for k, p in enumerate(pending):
+            index[k], valid[k] = p.token_index, True
+            owner[p.token_start : p.token_end] = k
+        b.pending_index.copy_(index, non_blocking=True)
+        b.pending_valid.copy_(valid, non_blocking=True)
+        b.token_pending[: owner.numel()].copy_(owner, non_blocking=True)  # stale tails reset to -1 too
+        self._num_tokens = num_tokens
+        self._current = pending
 
     def hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-        """Forward hook on decoder layer L: score the pending requests' last prompt tokens."""
-        if not self.pending:
-            return
+        """Forward hook on decoder layer L: the op, nothing else (Dynamo traces it as one call)."""
         hidden, residual = (output[0], output[1]) if isinstance(output, tuple) else (output, None)
-        stream = hidden if residual is None else hidden + residual
-        if not self._device_ready:
-            self._to(stream.device, stream.dtype)
-        idx = torch.tensor([p.token_index for p in self.pending], device=stream.device)
-        scores = self.probe.score(stream.index_select(0, idx)).tolist()
-        for p, s in zip(self.pending, scores, strict=True):
+        torch.ops.safeguard.guard_score(hidden, residual, *self.buffers.op_args())
+
+    def collect(self) -> None:
+        """After the step: this step's scores to the AlphaTable (later steps), metrics and records."""
+        pending, self._current = self._current, []
+        if not pending:
+            return
+        with gpu_sync_allowed():
+            scores = self.buffers.scores[: len(pending)].cpu().tolist()
+        for p, s in zip(pending, scores, strict=True):
             alpha = self.probe.alpha_for(s)
             flagged = s >= self.probe.manifest.threshold
-            self.scores[p.req_id] = s
-            self.alpha_sink(p.req_id, alpha, p.token_start, p.token_end)
+            self.scores_by_request[p.req_id] = s
+            self.table.set(p.req_id, alpha)
             if self.observe is not None:
                 self.observe(s, flagged)
             if p.record:
                 self._write_record(p.req_id, s, alpha, flagged)
-        self.pending = []
 
     def _write_record(self, req_id: str, score: float, alpha: float, flagged: bool) -> None:
         if self.runtime_dir is None:
@@ -134,8 +211,8 @@ class GuardRuntime:
             logger.warning("vllm-safeguard: cannot write guard record for %s: %s", req_id, e)
 
     def forget(self, live: Any) -> None:
-        for rid in [r for r in self.scores if r not in live]:
-            del self.scores[rid]
+        for rid in [r for r in self.scores_by_request if r not in live]:
+            del self.scores_by_request[rid]
 
 
 def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
@@ -155,21 +232,20 @@ def install_hook(model: torch.nn.Module, runtime: GuardRuntime) -> Any:
     return layers[layer].register_forward_hook(runtime.hook)
 
 
-# Attribute of the model runner holding its GuardRuntime.
-GUARD_ATTR = "_safeguard_guard"
-
-
 def start_guard(
-    runner: Any,
+    model: torch.nn.Module,
     guard_path: Path,
     model_dir: Path | None,
-    alpha_sink: Callable[[str, float, int, int], None],
+    table: AlphaTable,
+    token_alpha: torch.Tensor,
+    max_pending: int,
     model_name: str,
+    allocation: AbstractContextManager[Any] | None = None,
 ) -> GuardRuntime:
-    """Load the DSA guard probe and hook it onto its decoder layer (raises: the caller fails closed).
-
-    ``alpha_sink(req_id, alpha, start, end)`` applies a decision (the alpha filler's ``apply_decision``).
-    """
+    """Load the DSA guard probe, allocate its buffers and place its op after its decoder layer
+    (raises: the caller fails closed). ``token_alpha``: the safety wrappers' alpha buffer;
+    ``max_pending``: the most requests one step can hold (vLLM's max_num_seqs)."""
+    register_guard_score_op()
     probe = GuardProbe.load(guard_path)
     want = probe.manifest.model_fingerprint
     if want is not None and model_dir is not None and model_fingerprint(model_dir) != want:
@@ -189,9 +265,10 @@ def start_guard(
     folder = runtime_dir()
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    guard = GuardRuntime(probe, alpha_sink, runtime_dir=folder, observe=observe)
-    install_hook(runner.get_model(), guard)
-    setattr(runner, GUARD_ATTR, guard)
+    with allocation if allocation is not None else nullcontext():
+        buffers = GuardBuffers.make(probe, max_pending, token_alpha)
+    guard = GuardRuntime(probe, buffers, table, runtime_dir=folder, observe=observe)
+    install_hook(model, guard)
     logger.info(
         "vllm-safeguard: guard probe active on layer %d (threshold %.4f, alpha %g below / %g at or above)",
         probe.layer,
@@ -202,22 +279,6 @@ def start_guard(
     return guard
 
 
-def plan_guard_step(runner: Any, input_batch: Any, num_scheduled_tokens: Any) -> None:
-    """Tell the guard which requests end their prefill in this step (called before the forward pass)."""
-    guard = getattr(runner, GUARD_ATTR, None)
-    if guard is None:
-        return
-    n = len(num_scheduled_tokens)
-    req_ids = input_batch.req_ids[:n]
-
-    def flags(i: int) -> tuple[bool, bool]:
-        extra = getattr(getattr(runner.requests.get(req_ids[i]), "sampling_params", None), "extra_args", None)
-        return wants_auto(extra), wants_score(extra)
-
-    guard.plan_step(
-        req_ids,
-        num_scheduled_tokens,
-        input_batch.num_computed_tokens_cpu[:n],
-        input_batch.num_prompt_tokens[:n],
-        flags,
-    )
+def guard_flags(extra_args: Any) -> tuple[bool, bool]:
+    """(wants "auto", wants its score returned) of a request's ``extra_args``."""
+    return wants_auto(extra_args), wants_score(extra_args)

@@ -9,6 +9,7 @@ dtype and device, and refuses to start when the safety adapter does not cover wh
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,16 +99,31 @@ def linear_lora_layers(lora_model_manager: Any) -> Iterable[tuple[str, Any]]:
             yield name, layer
 
 
+def _tp_shard(layer: Any, a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> tuple[list, list]:
+    """The rank's shard of the per-slice safety factors, cut by the layer's own ``slice_lora_a`` /
+    ``slice_lora_b`` exactly as vLLM's ``set_lora`` cuts a task adapter (column-parallel: B's output
+    rows, per slice for q/k/v and gate/up; row-parallel: A's input columns, each rank adding its
+    partial product before the all-reduce). Tensor parallel size 1: unchanged."""
+    if int(getattr(layer, "tp_size", 1) or 1) <= 1:
+        return a_list, b_list
+    if len(a_list) == 1:
+        return [layer.slice_lora_a(a_list[0])], [layer.slice_lora_b(b_list[0])]
+    return list(layer.slice_lora_a(list(a_list))), list(layer.slice_lora_b(list(b_list)))
+
+
 def build_layer_safety(
     layers: Iterable[tuple[str, Any]],
     packed_modules_mapping: dict[str, list[str]],
     safety: SafetyAdapter,
-) -> dict[int, LayerSafety]:
-    """Map every LoRA-wrapped linear layer in the safety adapter's selected layers to its safety weights.
+    allocation: AbstractContextManager[Any] | None = None,
+) -> list[tuple[str, Any, LayerSafety | None]]:
+    """Every LoRA-wrapped linear layer with its safety weights (None outside the selected layers).
 
     ``layers``: ``(vLLM module name, layer)`` where the layer has ``lora_a_stacked`` (one tensor per
     slice, ``[max_loras, 1, r, in]``) and ``output_slices``. Packed vLLM modules are split with
-    ``packed_modules_mapping`` (``qkv_proj -> q/k/v_proj``, ``gate_up_proj -> gate/up_proj``).
+    ``packed_modules_mapping`` (``qkv_proj -> q/k/v_proj``, ``gate_up_proj -> gate/up_proj``). Under
+    tensor parallelism each rank keeps its shard (:func:`_tp_shard`). ``allocation``: the context the
+    device tensors are allocated in (vLLM's "runtime" memory pool under sleep mode).
 
     Raises:
         SafetyCoverageError: a served layer (in the selected layers) lacks a safety module or slice, a
@@ -115,9 +131,10 @@ def build_layer_safety(
     """
     expected: dict[str, int] = {}
     covered: dict[str, int] = {}
-    found: dict[str, tuple[Any, list[LoRAModule]]] = {}
+    found: dict[str, list[LoRAModule]] = {}
     selected = safety.layers
-    for name, layer in layers:
+    all_layers = list(layers)
+    for name, layer in all_layers:
         if layer_index(name) not in selected:
             continue  # the safety adapter deliberately leaves this layer alone (data-aware selection)
         prefix, _, kind = name.rpartition(".")
@@ -130,32 +147,46 @@ def build_layer_safety(
         mods = [m for m in got if m is not None]
         if len(mods) == n_slices == len(got):
             covered[name] = n_slices
-            found[name] = (layer, mods)
+            found[name] = mods
     if not expected:
         raise SafetyCoverageError(
             f"the safety adapter's selected layers {sorted(selected)} contain no LoRA-wrapped linear layer "
             "of the served model"
         )
     check_safety_coverage(expected, covered)
-    out: dict[int, LayerSafety] = {}
-    for name, (layer, mods) in found.items():
-        ref = layer.lora_a_stacked[0]
-        r_s = max(m.lora_a.shape[0] for m in mods)
-        a_list, b_list = [], []
-        for s, m in enumerate(mods):
-            in_f = layer.lora_a_stacked[s].shape[-1]
-            out_f = int(layer.output_slices[s])
-            if tuple(m.lora_a.shape[1:]) != (in_f,) or m.lora_b.shape[0] != out_f:
-                raise SafetyCoverageError(
-                    f"{name} slice {s} ({m.name}): safety A {tuple(m.lora_a.shape)} / B {tuple(m.lora_b.shape)} "
-                    f"do not fit the layer (in {in_f}, out {out_f}); tensor parallelism is not supported"
-                )
-            a = torch.zeros(r_s, in_f, dtype=torch.float32)
-            b = torch.zeros(out_f, r_s, dtype=torch.float32)
-            # Zero-padding a smaller rank adds exact zeros: same result as the unpadded product.
-            a[: m.lora_a.shape[0]] = m.lora_a.float()
-            b[:, : m.lora_b.shape[1]] = m.lora_b.float() * float(m.scaling)
-            a_list.append(a.to(device=ref.device, dtype=ref.dtype).contiguous())
-            b_list.append(b.to(device=ref.device, dtype=ref.dtype).contiguous())
-        out[ref.data_ptr()] = LayerSafety(name, a_list, b_list)
+    out: list[tuple[str, Any, LayerSafety | None]] = []
+    with allocation if allocation is not None else nullcontext():
+        for name, layer in all_layers:
+            chosen = found.get(name)
+            out.append((name, layer, None if chosen is None else _layer_safety(name, layer, chosen)))
     return out
+
+
+def _layer_safety(name: str, layer: Any, mods: list[LoRAModule]) -> LayerSafety:
+    ref = layer.lora_a_stacked[0]
+    r_s = max(m.lora_a.shape[0] for m in mods)
+    full_a, full_b = [], []
+    for m in mods:
+        # Zero-padding a smaller rank adds exact zeros: same result as the unpadded product.
+        a = torch.zeros(r_s, m.lora_a.shape[1], dtype=torch.float32)
+        b = torch.zeros(m.lora_b.shape[0], r_s, dtype=torch.float32)
+        a[: m.lora_a.shape[0]] = m.lora_a.float()
+        b[:, : m.lora_b.shape[1]] = m.lora_b.float() * float(m.scaling)
+        full_a.append(a)
+        full_b.append(b)
+    a_list, b_list = _tp_shard(layer, full_a, full_b)
+    for s, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
+        in_f = layer.lora_a_stacked[s].shape[-1]
+        out_f = int(layer.output_slices[s])
+        if tuple(a.shape) != (r_s, in_f) or tuple(b.shape) != (out_f, r_s):
+            raise SafetyCoverageError(
+                f"{name} slice {s} ({mods[s].name}): safety A {tuple(a.shape)} / B {tuple(b.shape)} "
+                f"do not fit the layer (in {in_f}, out {out_f}, tensor parallel size "
+                f"{getattr(layer, 'tp_size', 1)})"
+            )
+    to = {"device": ref.device, "dtype": ref.dtype}
+    return LayerSafety(
+        name,
+        [a.to(**to).contiguous() for a in a_list],
+        [b.to(**to).contiguous() for b in b_list],
+    )

@@ -15,7 +15,12 @@ InputProcessor.__init__                    alpha.set_frontend_additional_config 
 InputProcessor._validate_lora              api_server.request_adapter_problem (400 for a lost adapter)
 model_manager.get_punica_wrapper           punica_wrapper.selector (the safety wrapper, alpha enabled)
 LoRAModelRunnerMixin.load_lora_model       alpha_runner.setup_runner (safety weights, guard)
-LoRAModelRunnerMixin.set_active_loras      alpha_runner.on_step (per-token alpha, guard plan)
+LoRAModelRunnerMixin.set_active_loras      alpha_runner.stage_v1 (V1: per-token alpha, guard plan)
+LoRAModelRunnerMixin._set_active_loras     alpha_runner.apply_step (both runners, dummy/capture runs)
+LoraState.make_lora_inputs (V2)            alpha_runner.stage_v2 (V2: per-token alpha, guard plan)
+GPUModelRunner.add_requests (V2)           alpha_runner.on_new_requests (sampling params by request)
+GPUModelRunner._remove_request (V2)        alpha_runner.on_removed_request
+GPUModelRunner.execute_model (V1, V2)      alpha_runner.after_step (guard scores -> alpha table)
 =========================================  ==============================================================
 """
 
@@ -208,22 +213,91 @@ def _wrap_set_active_loras(original: Callable[..., Any]) -> Callable[..., Any]:
     def set_active_loras(
         self: Any, input_batch: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any
     ) -> Any:
-        out = original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
-        from .alpha_runner import on_step
+        from .alpha_runner import stage_v1
 
-        on_step(self, input_batch, num_scheduled_tokens)
-        return out
+        stage_v1(self, input_batch, num_scheduled_tokens)  # before: the body calls _set_active_loras
+        return original(self, input_batch, num_scheduled_tokens, *args, **kwargs)
 
     return set_active_loras
 
 
-# Runners that must inherit the two mixin methods unchanged. Not in ``inherited_by``: the patches are
-# applied while these modules are still importing the mixin (a circular, partial import), so the
-# contract test checks them instead (tests/plugin/test_patch_contract.py).
-RUNNERS_USING_LORA_MIXIN = (
+def _wrap__set_active_loras(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _set_active_loras(
+        self: Any, prompt_lora_mapping: Any, token_lora_mapping: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        out = original(self, prompt_lora_mapping, token_lora_mapping, *args, **kwargs)
+        from .alpha_runner import apply_step
+
+        mapping_type = kwargs.get("mapping_type", args[1] if len(args) > 1 else None)
+        apply_step(self, token_lora_mapping, mapping_type)
+        return out
+
+    return _set_active_loras
+
+
+def _wrap_make_lora_inputs(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def make_lora_inputs(self: Any, req_ids: Any, idx_mapping: Any, num_scheduled_tokens: Any) -> Any:
+        out = original(self, req_ids, idx_mapping, num_scheduled_tokens)
+        from .alpha_runner import stage_v2
+
+        stage_v2(self, req_ids, idx_mapping, num_scheduled_tokens)
+        return out
+
+    return make_lora_inputs
+
+
+def _wrap_add_requests(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def add_requests(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, scheduler_output, *args, **kwargs)
+        from .alpha_runner import on_new_requests
+
+        on_new_requests(self, scheduler_output)
+        return out
+
+    return add_requests
+
+
+def _wrap_remove_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _remove_request(self: Any, req_id: str, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, req_id, *args, **kwargs)
+        from .alpha_runner import on_removed_request
+
+        on_removed_request(self, req_id)
+        return out
+
+    return _remove_request
+
+
+def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        from .alpha_runner import after_step
+
+        after_step(self)
+        return out
+
+    return execute_model
+
+
+# Runners that must inherit the mixin's LoRA methods unchanged: V1 (GPU, CPU) and V2 (GPU, CPU; the
+# default on GPU in vLLM 0.33). Not in ``inherited_by``: the patches are applied while these modules are
+# still importing the mixin (a circular, partial import), so the contract test checks them instead
+# (tests/plugin/test_patch_contract.py). V2 runners call only _set_active_loras; V1 runners call it
+# through set_active_loras.
+V1_RUNNERS = (
     "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
     "vllm.v1.worker.cpu_model_runner:CPUModelRunner",
 )
+V2_RUNNERS = (
+    "vllm.v1.worker.gpu.model_runner:GPUModelRunner",
+    "vllm.v1.worker.cpu.model_runner:CPUModelRunner",
+)
+RUNNERS_USING_LORA_MIXIN = V1_RUNNERS + V2_RUNNERS
 
 register_patch(
     Patch(
@@ -258,7 +332,79 @@ register_patch(
         make=_wrap_set_active_loras,
         parameters=("self", "input_batch", "num_scheduled_tokens", "num_sampled_tokens", "mapping_type"),
         is_async=False,
-        description="fill the per-token safety alpha buffer from the batch's requests each step",
+        description="V1 runners: stage this step's per-token alpha and guard plan from the batch's requests",
+    )
+)
+register_patch(
+    Patch(
+        name="runner__set_active_loras",
+        module="vllm.v1.worker.lora_model_runner_mixin",
+        owner="LoRAModelRunnerMixin",
+        attr="_set_active_loras",
+        make=_wrap__set_active_loras,
+        parameters=("self", "prompt_lora_mapping", "token_lora_mapping", "lora_requests", "mapping_type"),
+        is_async=False,
+        description="both runners, dummy and capture runs: write the staged alpha (or 0) into the buffers in place",
+    )
+)
+register_patch(
+    Patch(
+        name="v2_lora_state_make_lora_inputs",
+        module="vllm.v1.worker.gpu.lora_utils",
+        owner="LoraState",
+        attr="make_lora_inputs",
+        make=_wrap_make_lora_inputs,
+        parameters=("self", "req_ids", "idx_mapping", "num_scheduled_tokens"),
+        is_async=False,
+        description="V2 runner: stage this step's per-token alpha and guard plan",
+    )
+)
+register_patch(
+    Patch(
+        name="v2_runner_add_requests",
+        module="vllm.v1.worker.gpu.model_runner",
+        owner="GPUModelRunner",
+        attr="add_requests",
+        make=_wrap_add_requests,
+        parameters=("self", "scheduler_output"),
+        is_async=False,
+        description="V2 runner: remember each new request's sampling params (safeguard_alpha) and adapter",
+    )
+)
+register_patch(
+    Patch(
+        name="v2_runner_remove_request",
+        module="vllm.v1.worker.gpu.model_runner",
+        owner="GPUModelRunner",
+        attr="_remove_request",
+        make=_wrap_remove_request,
+        parameters=("self", "req_id"),
+        is_async=False,
+        description="V2 runner: forget a finished request",
+    )
+)
+register_patch(
+    Patch(
+        name="v1_runner_execute_model",
+        module="vllm.v1.worker.gpu_model_runner",
+        owner="GPUModelRunner",
+        attr="execute_model",
+        make=_wrap_execute_model,
+        parameters=("self", "scheduler_output"),
+        is_async=False,
+        description="after the step: the guard's in-graph scores to the alpha table, metrics and records",
+    )
+)
+register_patch(
+    Patch(
+        name="v2_runner_execute_model",
+        module="vllm.v1.worker.gpu.model_runner",
+        owner="GPUModelRunner",
+        attr="execute_model",
+        make=_wrap_execute_model,
+        parameters=("self", "scheduler_output"),
+        is_async=False,
+        description="after the step: the guard's in-graph scores to the alpha table, metrics and records",
     )
 )
 register_patch(

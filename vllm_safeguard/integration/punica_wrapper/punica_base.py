@@ -1,56 +1,108 @@
-"""What every safety punica wrapper adds to vLLM's: the per-token alpha buffer and the layer table.
+"""What every safety punica wrapper adds to vLLM's: the per-token alpha buffer and bound layers.
 
-Every LoRA layer calls ``punica_wrapper.add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, 1.0,
-output_slices)``. A safety wrapper (one subclass of vLLM's wrapper per platform: ``punica_cpu.py``,
+Every LoRA layer calls ``self.punica_wrapper.add_lora_linear(y, x, lora_a_stacked, lora_b_stacked,
+1.0, output_slices)``. A safety wrapper (one subclass of vLLM's wrapper per platform: ``punica_cpu.py``,
 ``punica_gpu.py``; chosen by ``selector.py``) computes, per token ``t`` with task adapter ``i``::
 
     y[t] += (x[t] A_i^T) B_i^T  +  alpha[t] * (x[t] A_s^T) B_s^T
 
 where ``(A_s, B_s)`` is the safety adapter's module for the layer being computed
-(:class:`~vllm_safeguard.integration.layer_table.LayerSafety`, found by the ``data_ptr`` of the
-layer's ``lora_a_stacked[0]``, allocated once by vLLM and updated in place). Layers without an entry
-fall through to the parent unchanged.
+(:class:`~vllm_safeguard.integration.layer_table.LayerSafety`).
 
-Per-token alpha: :meth:`SafetyState.set_token_alpha` (called every step through
-:class:`~vllm_safeguard.integration.alpha_runner.TokenAlphaFiller`) copies into a preallocated fp32
-buffer ``[max_num_batched_tokens]``.
+Which layer is being computed is static: :meth:`SafetyState.bind_layers` gives every LoRA-wrapped
+linear layer its own :class:`SafetyBoundWrapper` (through vLLM's ``set_mapping``) holding the layer's
+index in :mod:`~vllm_safeguard.integration.safety_op`'s table, and the bound wrapper's
+``add_lora_linear`` is one opaque op carrying that index. Under torch.compile the index is a constant
+of the graph; nothing looks a layer up by pointer, and no layer can silently take the parent's path.
+
+Per-token alpha: :meth:`SafetyState.set_token_alpha` (every step, from vLLM's ``_set_active_loras``
+through :mod:`~vllm_safeguard.integration.alpha_runner`) copies into a preallocated fp32 buffer
+``[max_num_batched_tokens]`` in place, so captured CUDA graphs read the new values on replay.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from ..layer_table import LayerSafety
+from ..safety_op import BoundLayer, bind_layer, register_ops
+
+
+class SafetyBoundWrapper:
+    """The ``punica_wrapper`` of one bound LoRA layer: the shared wrapper plus the layer's static id.
+
+    ``add_lora_linear`` is the op; every other attribute is the shared wrapper's.
+    """
+
+    def __init__(self, shared: SafetyState, layer_id: int) -> None:
+        self._shared = shared
+        self.layer_id = layer_id
+
+    def add_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: Sequence[torch.Tensor],
+        lora_b_stacked: Sequence[torch.Tensor],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Semantics: the shared wrapper's ``apply_safety_lora_linear`` for this layer, as one op."""
+        torch.ops.safeguard.lora_linear(
+            y,
+            x,
+            list(lora_a_stacked),
+            list(lora_b_stacked),
+            float(scale),
+            self.layer_id,
+            bool(kwargs.get("add_inputs", True)),
+        )
+        return y
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_shared":  # not set yet (copy, pickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._shared, name)
 
 
 class SafetyState:
-    """The per-token alpha buffer and the layer table, mixed into the CPU and GPU wrappers."""
+    """The per-token alpha buffer and the bound layers, mixed into the CPU and GPU wrappers."""
 
     safeguard_alpha: torch.Tensor
-    _safeguard_layers: dict[int, LayerSafety]
-    _safeguard_any_alpha: bool
     _safeguard_num_tokens: int
+    bound_layer_ids: list[int]
 
     def _safeguard_init(self, max_num_batched_tokens: int, device: torch.device | str) -> None:
         self.safeguard_alpha = torch.zeros(max_num_batched_tokens, dtype=torch.float32, device=device)
-        self._safeguard_layers = {}
-        self._safeguard_any_alpha = False
         self._safeguard_num_tokens = 0
+        self.bound_layer_ids = []
+        register_ops()
 
-    def attach_safety(self, layers: dict[int, LayerSafety]) -> None:
-        """Register the safety weights, keyed by ``lora_a_stacked[0].data_ptr()`` of each layer."""
-        self._safeguard_layers = dict(layers)
+    def bind_layers(self, layers: Sequence[tuple[str, Any, LayerSafety | None]]) -> list[int]:
+        """Give each ``(name, layer, safety or None)`` its bound wrapper (``layer.set_mapping``).
 
-    @property
-    def safety_layers(self) -> dict[int, LayerSafety]:
-        return self._safeguard_layers
+        A layer with ``safety`` None (outside the safety adapter's selected layers) computes vLLM's
+        task LoRA alone, through the same op. Returns the layers' static ids.
+        """
+        ids = []
+        for name, layer, safety in layers:
+            layer_id = bind_layer(BoundLayer(name, self, safety, tuple(int(s) for s in layer.output_slices)))
+            layer.set_mapping(SafetyBoundWrapper(self, layer_id))
+            ids.append(layer_id)
+        self.bound_layer_ids = ids
+        return ids
 
     def set_token_alpha(self, alpha: torch.Tensor) -> None:
         """Copy this step's per-token alphas (CPU fp32 ``[num_tokens]``) into the buffer, in place.
 
         Semantics:
             buffer[:n] = alpha; buffer[n:previous n] = 0   (stale tails never leak into padded tokens)
-            any_alpha  = any(alpha != 0)                  (host flag: skip the safety GEMMs when False)
         """
         n = alpha.numel()
         if n > self.safeguard_alpha.numel():
@@ -59,15 +111,17 @@ class SafetyState:
         if self._safeguard_num_tokens > n:
             self.safeguard_alpha[n : self._safeguard_num_tokens].zero_()
         self._safeguard_num_tokens = n
-        self._safeguard_any_alpha = bool(n and bool(torch.any(alpha != 0)))
 
-    def set_alpha_range(self, start: int, end: int, alpha: float) -> None:
-        """Overwrite the alpha of tokens ``[start, end)`` of the current step, in place (for a guard
-        deciding mid-forward: layers computed after the write use the new value)."""
-        if not 0 <= start <= end <= self._safeguard_num_tokens:
-            raise ValueError(
-                f"token range [{start}, {end}) outside this step's {self._safeguard_num_tokens} tokens"
-            )
-        self.safeguard_alpha[start:end].fill_(float(alpha))
-        if alpha != 0:
-            self._safeguard_any_alpha = True
+    def apply_safety_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: Sequence[torch.Tensor],
+        lora_b_stacked: Sequence[torch.Tensor],
+        scale: float,
+        safety: LayerSafety | None,
+        output_slices: tuple[int, ...],
+        add_inputs: bool,
+    ) -> None:
+        """The eager body of ``torch.ops.safeguard.lora_linear`` on this platform."""
+        raise NotImplementedError

