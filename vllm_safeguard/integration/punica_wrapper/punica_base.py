@@ -72,7 +72,12 @@ class SafetyBoundWrapper:
 
 
 class SafetyState:
-    """The per-token alpha buffer and the bound layers, mixed into the CPU and GPU wrappers."""
+    """The per-token alpha buffer and the bound layers, mixed into the CPU and GPU wrappers.
+
+    Each platform wrapper also defines ``apply_safety_lora_linear(y, x, lora_a_stacked,
+    lora_b_stacked, scale, safety, output_slices, add_inputs)``: the eager body of
+    ``torch.ops.safeguard.lora_linear`` on that platform (``safety`` None: vLLM's task LoRA alone).
+    """
 
     safeguard_alpha: torch.Tensor
     _safeguard_num_tokens: int
@@ -111,17 +116,3 @@ class SafetyState:
         if self._safeguard_num_tokens > n:
             self.safeguard_alpha[n : self._safeguard_num_tokens].zero_()
         self._safeguard_num_tokens = n
-
-    def apply_safety_lora_linear(
-        self,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        lora_a_stacked: Sequence[torch.Tensor],
-        lora_b_stacked: Sequence[torch.Tensor],
-        scale: float,
-        safety: LayerSafety | None,
-        output_slices: tuple[int, ...],
-        add_inputs: bool,
-    ) -> None:
-        """The eager body of ``torch.ops.safeguard.lora_linear`` on this platform."""
-        raise NotImplementedError
