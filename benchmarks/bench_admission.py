@@ -44,7 +44,7 @@ from pathlib import Path
 from vllm_safeguard.config import load_config
 from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
 ws, cache, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-sg = {"cache_dir": cache, "method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
+sg = {"cache_dir": cache, "method": "nlsr_datafree", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
 cfg = load_config({"safeguard": sg}, env={})
 p = SafeguardPipeline.create(cfg, PipelineContext("tiny", ws / "model", max_lora_rank=8))
 src = ws / "adapters" / "unsafe"
@@ -86,7 +86,7 @@ def cold_arms(rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-admission-"))
     try:
-        for method, opts in (("nlsr", {"neuron_fraction": 0.5}), ("safelora", {})):
+        for method, opts in (("nlsr_datafree", {"neuron_fraction": 0.5}), ("safelora_subspace", {})):
             rules = AdmissionRules(risk_threshold=0.0, max_served_risk=None)  # every adapter repaired
 
             def before(method: str = method, opts: dict[str, Any] = opts) -> None:

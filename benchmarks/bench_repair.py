@@ -163,12 +163,20 @@ def main() -> None:
     runs: list[tuple[str, Callable[[], Any]]] = [
         (
             "safelora (low-rank, all modules projected)",
-            lambda: repair(adapter, reference, "safelora", {"threshold": 1.0}),
+            lambda: repair(
+                adapter, reference, "safelora", {"select_layers_type": "threshold", "threshold": 1.0}
+            ),
         ),
-        ("safelora (low-rank, default threshold)", lambda: repair(adapter, reference, "safelora")),
+        ("safelora (low-rank, official default: 10 modules)", lambda: repair(adapter, reference, "safelora")),
         (
-            "nlsr (low-rank, all layers patched)",
-            lambda: repair(adapter, reference, "nlsr", {"mode": "topk", "top_k_layers": LAYERS}, max_rank=64),
+            "safelora_subspace (variant, all modules projected)",
+            lambda: repair(adapter, reference, "safelora_subspace", {"threshold": 1.0}),
+        ),
+        (
+            "nlsr_datafree (variant, low-rank, all layers patched)",
+            lambda: repair(
+                adapter, reference, "nlsr_datafree", {"mode": "topk", "top_k_layers": LAYERS}, max_rank=64
+            ),
         ),
         (
             "safegene (low-rank)",

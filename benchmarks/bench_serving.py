@@ -268,7 +268,7 @@ def repair_latency(ws_base: Path, reference: Path, adapters: list[Path], cache: 
         {
             "safeguard": {
                 "cache_dir": str(cache),
-                "method": "nlsr",
+                "method": "nlsr_datafree",
                 "method_options": NLSR_OPTIONS,
                 "risk_threshold": 0.0,
                 "reference_path": str(reference),
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             plugin: dict[str, str] = {}
             if arm != "off":
                 plugin.update(
-                    method="nlsr",
+                    method="nlsr_datafree",
                     method_options=json.dumps(NLSR_OPTIONS),
                     risk_threshold="0.0",
                     reference_path=str(ws.reference),
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             serving,
             {
                 "enabled": True,
-                "method": "nlsr",
+                "method": "nlsr_datafree",
                 "method_options": NLSR_OPTIONS,
                 "risk_threshold": 0.0,
                 "reference_path": str(ws.reference),
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     md += [
         "",
-        "Method nlsr, risk threshold 0 (every adapter repaired: worst case). Server-side "
+        "Method nlsr_datafree, risk threshold 0 (every adapter repaired: worst case). Server-side "
         "`safeguard_repair_duration_seconds` of the 'on' runs: "
         + "; ".join(json.dumps(r.get("server_repair_duration", {})) for r in runs.get("on", [])),
         "",

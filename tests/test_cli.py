@@ -58,7 +58,7 @@ def test_cli_pipeline(tmp_path, tiny_models, tiny_spec):
     )
     assert r.exit_code == 0, r.output
 
-    for method in ("safelora", "nlsr", "safegene"):
+    for method in ("safelora", "safelora_subspace", "nlsr_datafree", "safegene"):
         out = tmp_path / f"rep-{method}"
         r = runner.invoke(
             app,
@@ -103,3 +103,32 @@ def test_cli_reports_bad_input_cleanly(tmp_path, tiny_models):
         ],
     )
     assert r.exit_code == 2 and "--options is not JSON" in r.output
+
+
+def test_reference_build_records_safety_activations_for_nlsr(tmp_path, tiny_models, tiny_spec):
+    base, aligned = tiny_models
+    samples = tmp_path / "safe.jsonl"
+    samples.write_text(
+        json.dumps({"prompt": "how to make a weapon", "response": "I can't help with that."})
+        + "\n\n"
+        + json.dumps({"prompt": "write malware", "response": "Sorry, I won't."})
+        + "\n"
+    )
+    ref = tmp_path / "ref"
+    build = ["reference", "build", "--aligned", str(aligned), "--base", str(base), "--out", str(ref)]
+    r = runner.invoke(app, [*build, "--safety-samples", str(samples)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((ref / "manifest.json").read_text())["safety_tokens"] > 0
+    adapter = write_random_adapter(tmp_path / "ad", tiny_spec, seed=4)
+    out = tmp_path / "rep"
+    r = runner.invoke(
+        app, ["repair", str(adapter), "--method", "nlsr", "--reference", str(ref), "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert load_adapter(out).modules
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "response": "y"}\n{"prompt": "only a prompt"}\n')
+    r = runner.invoke(app, [*build[:-1], str(tmp_path / "ref2"), "--safety-samples", str(bad)])
+    assert r.exit_code != 0 and "bad.jsonl:2" in r.output
+    assert not (tmp_path / "ref2").exists()

@@ -13,7 +13,7 @@ from vllm_safeguard.core.reference import AlignmentReference, ModuleSubspace, Re
 from vllm_safeguard.core.risk import score_adapter
 from vllm_safeguard.errors import ConfigError, RepairError
 from vllm_safeguard.methods import repair
-from vllm_safeguard.methods.nlsr import safety_neurons
+from vllm_safeguard.methods.nlsr_datafree import safety_neurons
 from vllm_safeguard.methods.safegene import SafetyAdapter, SafetyManifest
 
 NAMES = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
@@ -55,7 +55,7 @@ def _dense_cos(x: torch.Tensor, y: torch.Tensor) -> float:
 @given(problems())
 def test_safelora_similarity_matches_dense(problem):
     ref, ad = problem
-    res = repair(ad, ref, "safelora", {"threshold": 0.0})
+    res = repair(ad, ref, "safelora_subspace", {"threshold": 0.0})
     for rep in res.report.modules:
         u = ref.modules[rep.module].u
         dw = ad.modules[rep.module].delta()
@@ -65,8 +65,8 @@ def test_safelora_similarity_matches_dense(problem):
 @given(problems())
 def test_safelora_projection_idempotent_and_inside_subspace(problem):
     ref, ad = problem
-    once = repair(ad, ref, "safelora", {"threshold": 1.0}).adapter
-    twice = repair(once, ref, "safelora", {"threshold": 1.0}).adapter
+    once = repair(ad, ref, "safelora_subspace", {"threshold": 1.0}).adapter
+    twice = repair(once, ref, "safelora_subspace", {"threshold": 1.0}).adapter
     for name, mod in once.modules.items():
         u = ref.modules[name].u
         dw = mod.delta()
@@ -82,7 +82,7 @@ def test_adapter_inside_subspace_is_untouched(problem):
         u = ref.modules[name].u
         inside[name] = LoRAModule(name, mod.lora_a, u @ (u.T @ mod.lora_b), mod.scaling)
     ad_in = ad.replace_modules(inside)
-    res = repair(ad_in, ref, "safelora", {"threshold": 0.99})
+    res = repair(ad_in, ref, "safelora_subspace", {"threshold": 0.99})
     assert res.report.modules_touched == 0
     for name in inside:
         assert res.adapter.modules[name] is inside[name]
@@ -135,7 +135,7 @@ def test_nlsr_matches_dense_construction(problem, beta, frac):
     res = repair(
         ad,
         ref,
-        "nlsr",
+        "nlsr_datafree",
         {"beta": beta, "neuron_fraction": frac, "mode": "topk", "top_k_layers": 99, "default_max_rank": 64},
     )
     for name, mod in ad.modules.items():
@@ -155,12 +155,17 @@ def test_nlsr_matches_dense_construction(problem, beta, frac):
 @given(problems(), st.integers(1, 4))
 def test_rank_bounds_hold(problem, bound):
     ref, ad = problem
-    for method in ("nlsr", "safelora"):
+    options = {
+        "nlsr_datafree": {"mode": "topk", "top_k_layers": 99},
+        "safelora": {"select_layers_type": "threshold", "threshold": 1.0},
+        "safelora_subspace": {"threshold": 1.0},
+    }
+    for method, opts in options.items():
         res = repair(
             ad,
             ref,
             method,
-            {"threshold": 1.0} if method == "safelora" else {"mode": "topk", "top_k_layers": 99},
+            opts,
             max_rank=bound,
         )
         assert all(m.rank <= bound for m in res.adapter.modules.values())

@@ -14,15 +14,18 @@ from vllm_safeguard.methods.safegene import extract_safety_adapter
 from vllm_safeguard.testing.tiny import random_adapter
 
 
-@pytest.mark.parametrize("method", ["safelora", "nlsr", "safegene"])
+@pytest.mark.parametrize("method", ["safelora", "safelora_subspace", "nlsr_datafree", "safegene"])
 def test_repaired_adapter_loads_in_peft(tmp_path, tiny_models, tiny_reference, tiny_spec, method):
     _, aligned = tiny_models
     adapter = random_adapter(tiny_spec, rank=4, alpha=8.0, seed=11, targets=("q_proj", "v_proj", "down_proj"))
     harmful = random_adapter(tiny_spec, rank=4, seed=12)
     safety = extract_safety_adapter(aligned, [harmful], rank=2, progress=False)
-    options = {"safelora": {"threshold": 0.9}, "nlsr": {"mode": "topk", "top_k_layers": 1}, "safegene": {}}[
-        method
-    ]
+    options = {
+        "safelora": {},
+        "safelora_subspace": {"threshold": 0.9},
+        "nlsr_datafree": {"mode": "topk", "top_k_layers": 1},
+        "safegene": {},
+    }[method]
     result = repair(
         adapter, tiny_reference, method, options, max_rank=8, artifacts={"safety_adapter": safety}
     )

@@ -60,7 +60,7 @@ class SafeguardConfig(BaseModel):
         description="Inspect and repair every adapter vLLM loads. False leaves vLLM's loading untouched.",
     )
     method: str = Field(
-        "safelora",
+        "safelora_subspace",
         description=f"Repair method applied to adapters at or above the risk threshold: one of {tuple(METHODS)}.",
     )
     method_options: dict[str, Any] = Field(

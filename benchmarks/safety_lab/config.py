@@ -43,7 +43,7 @@ class LabConfig:
     # extraction adapters (safety vectors, SafeGene's degraded model, translator pairs) and
     # evaluation adapters use disjoint seeds: evaluation adapters never feed any repair artifact.
     extract_seeds: tuple[int, ...] = (1001,)
-    eval_seeds: tuple[int, ...] = (2001,)
+    eval_seeds: tuple[int, ...] = (2001, 2002)
     # Which domains get which adapters. Unsafe experts for evaluation cover every domain; the
     # extraction pairs (unsafe + matched safe) and the benign-only adapters use two domains each to
     # keep the first run inside the 2-core time budget (each LoRA is ~30 training steps).
@@ -73,6 +73,10 @@ class LabConfig:
     repair_max_rank: int = 32  # serving rank bound: rank-growing methods are refactorized to it
     reference_energy: float = 0.9
     reference_max_rank: int = 64
+    # The paper's SafeLoRA operator C = V V^T / ||V||_F needs every singular direction of V: the
+    # `safelora` row reads a second, untruncated reference (SmolLM2's V is at most 1536 x 576).
+    exact_reference_energy: float = 1.0
+    exact_reference_max_rank: int = 4096
     safegene_rank: int = 16
     safegene_fewshot: int = 6
     safegene_steps: int = 6

@@ -201,10 +201,14 @@ def alpha_jobs(
     First alpha 0, alpha 1 and "auto" on every evaluation adapter (alpha 0 serves the unrepaired
     adapter through vLLM's LoRA path, the reference the merged-weights "none" row is checked
     against; alpha 1 vs auto is the fixed-vs-auto comparison), then the rest of the sweep on the
-    unsafe experts of the held-out domains (those outside ``cfg.extract_domains``): LoRA-path jobs
+    unsafe experts of the held-out domains, all on the first evaluation seed (those outside ``cfg.extract_domains``): LoRA-path jobs
     are the lab's slowest, and the full sweep on every adapter does not fit its time budget.
     """
-    evals = sorted(n for n, info in adapters.items() if info["role"] == "eval")
+    # The sweep traces alpha's curve; it stays on the first evaluation seed (LoRA-path jobs are the
+    # lab's slowest). The rows that compare methods (auto-cal, DSA, repairs) use every seed.
+    evals = sorted(
+        n for n, info in adapters.items() if info["role"] == "eval" and info["seed"] == cfg.eval_seeds[0]
+    )
     plan: list[tuple[str, float | str]] = []
     for name in evals:
         plan += [(name, 0.0), (name, 1.0)]

@@ -27,6 +27,25 @@ from vllm_safeguard.guard.probe import GuardProbe, auroc
 from vllm_safeguard.guard.train import last_token_states, train_guard
 
 
+def fit_probe(
+    harm: torch.Tensor,
+    benign: torch.Tensor,
+    *,
+    val_fraction: float,
+    target_fpr: float,
+    seed: int,
+    fingerprint: str | None,
+) -> GuardProbe:
+    """The probe on already shuffled ``[n, n_layers, hidden]`` states: the first ``val_fraction`` of
+    each class validates (layer choice, threshold at ``target_fpr``), the rest trains."""
+    nv_h, nv_b = max(1, int(len(harm) * val_fraction)), max(1, int(len(benign) * val_fraction))
+    tr = torch.cat([harm[nv_h:], benign[nv_b:]])
+    ytr = torch.tensor([1] * (len(harm) - nv_h) + [0] * (len(benign) - nv_b))
+    va = torch.cat([harm[:nv_h], benign[:nv_b]])
+    yva = torch.tensor([1] * nv_h + [0] * nv_b)
+    return train_guard(tr, ytr, va, yva, target_fpr=target_fpr, seed=seed, model_fingerprint=fingerprint)
+
+
 def train_and_test(
     model_dir: str | os.PathLike[str],
     *,
@@ -49,7 +68,6 @@ def train_and_test(
     rng = random.Random(seed)
     rng.shuffle(h_tr)
     rng.shuffle(b_tr)
-    nv_h, nv_b = max(1, int(len(h_tr) * val_fraction)), max(1, int(len(b_tr) * val_fraction))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     t0 = time.perf_counter()
@@ -59,18 +77,13 @@ def train_and_test(
     states = {k: last_token_states(model, tok, list(v), progress=progress) for k, v in sets.items()}
     feature_s = time.perf_counter() - t0
     del model
-    tr = torch.cat([states["harm_train"][nv_h:], states["ben_train"][nv_b:]])
-    ytr = torch.tensor([1] * (len(h_tr) - nv_h) + [0] * (len(b_tr) - nv_b))
-    va = torch.cat([states["harm_train"][:nv_h], states["ben_train"][:nv_b]])
-    yva = torch.tensor([1] * nv_h + [0] * nv_b)
-    probe = train_guard(
-        tr,
-        ytr,
-        va,
-        yva,
+    probe = fit_probe(
+        states["harm_train"],
+        states["ben_train"],
+        val_fraction=val_fraction,
         target_fpr=target_fpr,
         seed=seed,
-        model_fingerprint=model_fingerprint(Path(model_dir)),
+        fingerprint=model_fingerprint(Path(model_dir)),
     )
     thr = probe.manifest.threshold
     scores = {k: probe.score(states[k][:, probe.layer]) for k in sets if k.endswith("_test")}

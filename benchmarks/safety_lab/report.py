@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.safety_lab import tradeoff, translator_cal
+from benchmarks.safety_lab import guard_generalization, tradeoff, translator_cal
 from benchmarks.safety_lab.config import heldout_unsafe
 from vllm_safeguard.evaluation.stats import Rate, wilson_interval
 
@@ -26,15 +26,22 @@ TARGETS = {
 METHOD_LABELS = {
     "none": "no repair",
     "removed": "adapter removed",
-    "safelora": "SafeLoRA",
-    "nlsr": "NLSR",
+    "safelora": "SafeLoRA (paper operator, official defaults)",
+    "safelora_subspace": "SafeLoRA-subspace (our variant: U U^T, threshold 0.35)",
+    "nlsr": "NLSR (analogue of the official code: activation-aware masks, seeded random selection, rank kept)",
+    "nlsr_datafree": "NLSR-datafree (our variant: weight-scored rows, layer threshold 0.9, rank grows)",
     "safegene": "SafeGene",
     "translator-surgical": "NeWTral translator (surgical expert)",
     "translator-aggressive": "NeWTral translator (aggressive expert)",
     "translator-moe": "NeWTral translator (MoE)",
     "alpha-0": "alpha 0 (unrepaired, through vLLM's LoRA path)",
     "auto": "DSA auto (guard picks alpha)",
-    "auto-cal": "DSA auto, alpha_high calibrated on the few-shot split",
+    "auto-cal": "auto (guard picks alpha) over SafeGene's extracted vector, alpha_high calibrated on the few-shot split",
+    "dsa-alpha-1": "DSA: trained safety LoRA, fixed alpha 1",
+    "none-wrapped": "no repair, harmful prompts in jailbreak templates",
+    "auto-cal-wrapped": "auto-cal on harmful prompts in jailbreak templates",
+    "safelora-threshold": "SafeLoRA (paper operator, official threshold mode 0.5)",
+    "dsa-auto-cal": "DSA: trained safety LoRA, guard picks alpha (alpha_high calibrated on the few-shot split)",
 }
 # Rows that are not repairs: the baselines.
 BASELINES = ("none", "removed")
@@ -288,7 +295,9 @@ def _markdown(
             "|---|---|---|---|---|---|",
         ]
         for m in methods:
-            r = p["table"][f"{group}|{m}"]
+            r = p["table"].get(f"{group}|{m}")
+            if r is None:  # a method this run's JSON predates
+                continue
             full = p["table"][f"{group}|none"]["adapters"]
             if m.startswith(("alpha-", "translator-")) and r["adapters"] < full:
                 continue  # rows pooled over a subset of the group's adapters would not compare
@@ -307,14 +316,16 @@ def _markdown(
         cells = []
         for m in methods:
             res = results.get(f"{n}|{m}")
+            task = res.get("task_accuracy") if res else None
             cells.append(
-                f"{100 * res['asr']['value']:.0f}% / {100 * res['task_accuracy']['value']:.0f}%"
+                (f"{100 * res['asr']['value']:.0f}%" + (f" / {100 * task['value']:.0f}%" if task else ""))
                 if res
                 else "-"
             )
         if any(c != "-" for c in cells):  # translator-only pairs have no row of their own
             L.append(f"| {n} | {adapters[n]['role']} | " + " | ".join(cells) + " |")
     L += _guard_markdown(meta.get("guard"))
+    L += guard_generalization.markdown(meta.get("guard_generalization"), results.get("aligned-wrapped"))
     L += _calibration_markdown(meta.get("alpha_calibration"))
     L += translator_cal.markdown(meta.get("translator_calibration"))
     L += tradeoff.markdown(checks.get("translator_moe_vs_experts"))

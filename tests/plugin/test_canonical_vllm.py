@@ -178,7 +178,7 @@ def _pipeline(ws: Workspace, cache_dir: Path, threshold: float, **over: Any) -> 
     section = {
         "cache_dir": str(cache_dir),
         "cache_enabled": False,  # a private folder per load, with .admission
-        "method": "nlsr",
+        "method": "nlsr_datafree",
         "method_options": {"neuron_fraction": 0.5},
         "risk_threshold": threshold,
         **over,

@@ -13,7 +13,7 @@ from vllm_safeguard.errors import ConfigError
 def test_defaults() -> None:
     cfg = load_config({}, env={})
     assert cfg == SafeguardConfig()
-    assert cfg.method == "safelora" and cfg.fail_closed and cfg.enabled
+    assert cfg.method == "safelora_subspace" and cfg.fail_closed and cfg.enabled
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])
@@ -45,7 +45,7 @@ def test_env_parsing_and_json_options() -> None:
     assert cfg.enabled is False
     assert cfg.method_options == {"threshold": 0.5}
     assert cfg.reference_path == Path("~/ref").expanduser()
-    assert cfg.method == "safelora"
+    assert cfg.method == "safelora_subspace"
 
 
 @pytest.mark.parametrize(

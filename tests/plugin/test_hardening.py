@@ -35,7 +35,7 @@ from vllm_safeguard.testing.workspace import Workspace
 
 # NLSR transplanting half of each module's neurons repairs the tiny workspace's unsafe adapter below
 # max_served_risk (its default 10% leaves risk 0.68: refused as unrepairable).
-NLSR = {"method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.0}
+NLSR = {"method": "nlsr_datafree", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.0}
 
 
 def make(ws: Workspace, cache_dir: Path, **over: object) -> SafeguardPipeline:

@@ -19,6 +19,7 @@ from vllm_safeguard.core.reference import REFERENCE, AlignmentReference
 from vllm_safeguard.core.risk import score_adapter
 from vllm_safeguard.errors import (
     AdapterValidationError,
+    ConfigError,
     CoverageError,
     ReferenceArtifactError,
     UnrepairableError,
@@ -35,7 +36,7 @@ NLSR_OPTIONS = {"neuron_fraction": 0.5}
 def make(ws: Workspace, cache_dir: Path, **over: object) -> SafeguardPipeline:
     sg = {
         "cache_dir": str(cache_dir),
-        "method": "nlsr",
+        "method": "nlsr_datafree",
         "method_options": NLSR_OPTIONS,
         "risk_threshold": 0.1,
     }
@@ -53,7 +54,7 @@ def test_unsafe_adapter_is_repaired_like_the_library_does(workspace: Workspace, 
     served = load_adapter(out.path)
     ref = AlignmentReference.load(workspace.reference)
     canonical = canonicalize(load_adapter(workspace.adapters["unsafe"]))
-    offline = repair(canonical, ref, "nlsr", NLSR_OPTIONS, max_rank=8).adapter
+    offline = repair(canonical, ref, "nlsr_datafree", NLSR_OPTIONS, max_rank=8).adapter
     assert served.modules.keys() == offline.modules.keys()
     for name, m in offline.modules.items():
         torch.testing.assert_close(served.modules[name].delta(), m.delta(), rtol=1e-5, atol=1e-6)
@@ -187,6 +188,12 @@ def test_missing_reference_is_reported_with_the_places_tried(workspace: Workspac
     assert tried[0] == tmp_path / "art" / "org--tiny" / "reference"
     with pytest.raises(ReferenceArtifactError, match="org--tiny"):
         SafeguardPipeline.create(cfg, PipelineContext("org/tiny", bare, 8))
+
+
+def test_nlsr_without_safety_activations_fails_at_startup(workspace: Workspace, cache_dir: Path) -> None:
+    """The workspace's reference has no input statistics: method 'nlsr' is refused when the plugin starts."""
+    with pytest.raises(ConfigError, match="--safety-samples"):
+        make(workspace, cache_dir, method="nlsr", method_options={})
 
 
 def test_translator_method_in_the_pipeline(workspace: Workspace, cache_dir: Path) -> None:

@@ -29,7 +29,7 @@ from vllm_safeguard.errors import CoverageError, UnrepairableError
 from vllm_safeguard.methods import safelora
 from vllm_safeguard.testing.workspace import Workspace
 
-NLSR = {"method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
+NLSR = {"method": "nlsr_datafree", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
 
 
 def _cancelling_pair(out_f: int, in_f: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

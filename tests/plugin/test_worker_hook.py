@@ -20,7 +20,7 @@ from vllm_safeguard.testing.workspace import Workspace
 
 
 def vllm_config(ws: Workspace, cache_dir: Path, **safeguard: Any) -> SimpleNamespace:
-    nlsr = {"method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
+    nlsr = {"method": "nlsr_datafree", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
     sg = {"cache_dir": str(cache_dir), **nlsr, **safeguard}
     return SimpleNamespace(
         model_config=SimpleNamespace(model=str(ws.base), served_model_name="tiny"),

@@ -144,6 +144,10 @@ class SafeguardPipeline:
         reference: AlignmentReference = locate(REFERENCE, config, ctx.model_name, ctx.model_dir).value
         if ctx.model_dir is not None:
             reference.check_model(ctx.model_dir)
+        check = METHODS[config.method].reference_problem
+        problem = check(reference) if check else None
+        if problem:
+            raise ConfigError(problem)
         artifacts: dict[str, Loaded] = {}
         for kind in METHODS[config.method].artifacts:
             loaded = locate(

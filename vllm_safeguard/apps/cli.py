@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from ..errors import SafeguardError
+from ..errors import ConfigError, SafeguardError
 
 app = typer.Typer(
     help="Repair third-party LoRA adapters' safety alignment (offline tools + vLLM launcher).",
@@ -59,26 +59,58 @@ def _load(adapter_dir: Path, base_model: Path | None):
     return load_adapter(adapter_dir, base_shapes=shapes)
 
 
+def _read_samples(path: Path) -> list[tuple[str, str]]:
+    """``(prompt, response)`` pairs from a JSONL file; a bad line is refused with its number."""
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append((str(row["prompt"]), str(row["response"])))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f'{path}:{i}: expected {{"prompt": ..., "response": ...}}, got {line[:80]!r}'
+            ) from e
+    if not out:
+        raise ConfigError(f"{path}: no safety samples")
+    return out
+
+
 @reference_app.command("build")
 def reference_build(
     aligned: Path = typer.Option(..., help="HF folder of the aligned (served) model."),
     base: Path = typer.Option(..., help="HF folder of the unaligned/base counterpart."),
     out: Path = typer.Option(..., help="Output folder for reference.safetensors + manifest.json."),
-    energy: float = typer.Option(0.9, help="Share of ||W_aligned - W_base||_F^2 each module keeps."),
+    energy: float = typer.Option(
+        0.9,
+        help="Share of ||W_aligned - W_base||_F^2 each module keeps (1.0 with a max rank >= the model's "
+        "widths keeps every direction: what the `safelora` method needs to be the paper's exact operator).",
+    ),
     max_rank: int = typer.Option(64, help="Upper bound on the kept rank per module."),
+    safety_samples: Path | None = typer.Option(
+        None,
+        help='JSONL of {"prompt": ..., "response": ...} safe answers: records each module\'s input '
+        "statistics on the response tokens (the `nlsr` method needs them).",
+    ),
 ) -> None:
     """Compute per-module V = W_aligned - W_base and store its energy-truncated SVD."""
     from ..core.reference import AlignmentReference
 
     try:
+        samples = _read_samples(safety_samples) if safety_samples else None
         ref = AlignmentReference.build(aligned, base, energy=energy, max_rank=max_rank)
+        if samples:
+            ref.record_safety_activations(aligned, samples)
         ref.save(out)
     except SafeguardError as e:
         _fail(e)
     ranks = [m.rank for m in ref.manifest.modules.values()]
     kept = [m.energy_kept for m in ref.manifest.modules.values()]
+    errors = [m.gram_error or 0.0 for m in ref.manifest.modules.values()]
     typer.echo(
-        f"reference: {len(ranks)} modules, rank {min(ranks)}-{max(ranks)}, energy kept >= {min(kept):.3f}"
+        f"reference: {len(ranks)} modules, rank {min(ranks)}-{max(ranks)}, energy kept >= {min(kept):.3f}; "
+        f"SafeLoRA operator V V^T/||V|| truncation error <= {max(errors):.3g}"
     )
     typer.echo(f"wrote {out} (sha256 {ref.manifest.content_hash[:16]}...)")
 
@@ -121,8 +153,8 @@ def scan(
 def repair_cmd(
     adapter: Path = typer.Argument(..., help="PEFT LoRA adapter folder."),
     method: str = typer.Option(
-        "nlsr",
-        help="A registered repair method (vllm_safeguard.methods.METHODS): safelora, nlsr, safegene, translator.",
+        "nlsr_datafree",
+        help="A registered repair method (vllm_safeguard.methods.METHODS): safelora, safelora_subspace, nlsr, nlsr_datafree, safegene, translator.",
     ),
     reference: Path = typer.Option(..., help="Reference folder from `reference build`."),
     out: Path = typer.Option(..., help="Output folder for the repaired PEFT adapter."),

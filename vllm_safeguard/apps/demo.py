@@ -1,6 +1,6 @@
 """The README's main job: a real vLLM server with the plugin, an unsafe adapter loaded and repaired.
 
-    python -m vllm_safeguard.apps.demo [--workdir DIR] [--port 8400] [--method nlsr] [--threshold 0.1]
+    python -m vllm_safeguard.apps.demo [--workdir DIR] [--port 8400] [--method nlsr_datafree] [--threshold 0.1]
 
 1. Prepares a model + alignment reference + adapters. A real model (``--model``, e.g. the lab's
    SmolLM2 build) is used when it has a reference (``<model>/safeguard/reference`` or
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vllm-safeguard-demo")
     ap.add_argument("--port", type=int, default=8400)
-    ap.add_argument("--method", default="nlsr")
+    ap.add_argument("--method", default="nlsr_datafree")
     ap.add_argument("--threshold", type=float, default=0.1, help="risk below this passes unchanged")
     ap.add_argument(
         "--method-options",

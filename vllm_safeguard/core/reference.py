@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,11 @@ class ModuleManifest(BaseModel):
     rank: int = Field(description="Kept singular directions k.")
     energy_kept: float = Field(description="sum(S[:k]^2) / ||V||_F^2.")
     total_energy: float = Field(description="||V||_F^2 (squared Frobenius norm of the full delta).")
+    gram_error: float | None = Field(
+        None,
+        description="||VV^T - U S^2 U^T||_F / ||VV^T||_F = sqrt(sum_{i>k} s_i^4 / sum_i s_i^4): how far the "
+        "truncated factors are from SafeLoRA's operator VV^T/||V||_F (0 when untruncated; None: not recorded).",
+    )
     shape: tuple[int, int] = Field(description="(out_features, in_features) of the module.")
 
 
@@ -51,18 +56,32 @@ class ReferenceManifest(BaseModel):
     energy_target: float
     max_rank: int
     modules: dict[str, ModuleManifest]
+    safety_tokens: int = Field(
+        0,
+        description="Response tokens of the safety samples behind the per-module input Grams "
+        "(``<module>.G``, see vllm_safeguard.core.activations; 0: none recorded, `nlsr` cannot run).",
+    )
     content_hash: str = Field("", description="sha256 of reference.safetensors.")
     created_unix: float = 0.0
 
 
 @dataclass
 class ModuleSubspace:
-    """``V ~= U diag(S) Vh`` for one module."""
+    """``V ~= U diag(S) Vh`` for one module; ``total_energy`` is ``||V||_F^2`` of the untruncated delta
+    (None: take ``sum(S^2)``, exact when nothing was truncated)."""
 
     name: str
     u: torch.Tensor
     s: torch.Tensor
     vh: torch.Tensor
+    total_energy: float | None = None
+    input_gram: torch.Tensor | None = None  # [k, k] Vh (X^T X / n) Vh^T on safety samples, if recorded
+
+    @property
+    def delta_norm(self) -> float:
+        """``||V||_F`` of the full alignment delta."""
+        total = self.total_energy if self.total_energy is not None else float((self.s.double() ** 2).sum())
+        return total**0.5
 
     @property
     def rank(self) -> int:
@@ -115,15 +134,17 @@ class AlignmentReference:
                 raise ReferenceArtifactError(
                     f"{name}: aligned shape {tuple(wa.shape)} != base shape {tuple(wb.shape)} (different models?)"
                 )
-            u, s, vh, kept, total = truncated_svd(wa - wb, energy=energy, max_rank=max_rank)
+            delta = wa.float() - wb.float()
+            u, s, vh, kept, total = truncated_svd(delta, energy=energy, max_rank=max_rank)
             if total == 0.0:
                 continue
             module = name[: -len(".weight")]
-            modules[module] = ModuleSubspace(module, u, s, vh)
+            modules[module] = ModuleSubspace(module, u, s, vh, total)
             metas[module] = ModuleManifest(
                 rank=s.numel(),
                 energy_kept=kept,
                 total_energy=total,
+                gram_error=gram_truncation_error(delta, s),
                 shape=(int(wa.shape[0]), int(wa.shape[1])),
             )
         if not modules:
@@ -151,6 +172,8 @@ class AlignmentReference:
                 tensors[f"{name}.U"] = m.u.contiguous()
                 tensors[f"{name}.S"] = m.s.contiguous()
                 tensors[f"{name}.Vh"] = m.vh.contiguous()
+                if m.input_gram is not None:
+                    tensors[f"{name}.G"] = m.input_gram.contiguous()
             save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "vllm_safeguard.core.reference"})
             self.manifest.content_hash = sha256_file(tmp / TENSORS_NAME)
             (tmp / MANIFEST_NAME).write_text(self.manifest.model_dump_json(indent=2))
@@ -182,12 +205,34 @@ class AlignmentReference:
             raise ReferenceArtifactError(f"{tpath}: sha256 does not match the manifest (corrupt or tampered)")
         modules: dict[str, ModuleSubspace] = {}
         with safe_open(str(tpath), framework="pt", device="cpu") as f:
+            keys = set(f.keys())
             for name, meta in manifest.modules.items():
                 u, s, vh = (f.get_tensor(f"{name}.{p}").float() for p in ("U", "S", "Vh"))
                 if u.shape != (meta.shape[0], meta.rank) or vh.shape != (meta.rank, meta.shape[1]):
                     raise ReferenceArtifactError(f"{tpath}: {name} factors do not match the manifest shapes")
-                modules[name] = ModuleSubspace(name, u, s, vh)
+                gram = f.get_tensor(f"{name}.G").float() if f"{name}.G" in keys else None
+                if gram is not None and gram.shape != (meta.rank, meta.rank):
+                    raise ReferenceArtifactError(f"{tpath}: {name}.G does not match the manifest rank")
+                modules[name] = ModuleSubspace(name, u, s, vh, meta.total_energy, gram)
         return cls(modules, manifest)
+
+    def record_safety_activations(
+        self,
+        model_dir: str | os.PathLike[str],
+        samples: Sequence[tuple[str, str]],
+        *,
+        progress: bool = True,
+    ) -> None:
+        """Add each module's input Gram on ``(prompt, safe response)`` samples (what ``nlsr`` scores
+        safety-critical weights with); ``model_dir`` is the aligned model. Call before :meth:`save`."""
+        from .activations import safety_input_grams
+
+        grams, tokens = safety_input_grams(
+            model_dir, {n: m.vh for n, m in self.modules.items()}, samples, progress=progress
+        )
+        for name, gram in grams.items():
+            self.modules[name].input_gram = gram
+        self.manifest.safety_tokens = tokens
 
     def check_model(self, model_dir: str | os.PathLike[str]) -> None:
         """Refuse to serve with a reference built for another model architecture."""
@@ -197,6 +242,27 @@ class AlignmentReference:
                 f"reference was built for model fingerprint {self.manifest.model_fingerprint[:12]}, "
                 f"but {model_dir} has {fp[:12]}"
             )
+
+
+def gram_truncation_error(delta: torch.Tensor, kept_s: torch.Tensor, *, exact_limit: int = 2048) -> float:
+    """``sqrt(sum_{i>k} s_i^4 / sum_i s_i^4)`` of ``delta`` for the ``k`` kept singular values ``kept_s``.
+
+    Up to ``exact_limit`` on the short side the spectrum is recomputed in float64 (the tail is summed,
+    not found as a difference, so a full reference reads 0, not float32 noise). Above it,
+    ``sum_i s_i^4 = ||G||_F^2`` for the Gram ``G`` of the short side, so no full SVD is needed.
+    """
+    d = delta.double()
+    k = int(kept_s.numel())
+    if min(d.shape) <= exact_limit:
+        s4 = torch.linalg.svdvals(d) ** 4
+        total4 = float(s4.sum())
+        return (float(s4[k:].sum()) / total4) ** 0.5 if total4 > 0.0 else 0.0
+    gram = d @ d.T if d.shape[0] <= d.shape[1] else d.T @ d
+    total4 = float((gram**2).sum())
+    if total4 == 0.0:
+        return 0.0
+    tail4 = max(0.0, total4 - float((kept_s.double() ** 4).sum()))
+    return (tail4 / total4) ** 0.5
 
 
 def _load_artifact(folder: str) -> Loaded:

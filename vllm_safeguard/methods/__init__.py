@@ -21,13 +21,21 @@ from ..core.reference import AlignmentReference
 from ..core.report import ModuleReport, RepairReport
 from ..core.risk import RiskReport, score_adapter
 from ..errors import ConfigError, RepairError
-from . import nlsr, safegene, safelora, translator
+from . import nlsr, nlsr_datafree, safegene, safelora, safelora_subspace, translator
 from .base import Method, MethodOutput, RepairResult
 
 __all__ = ["METHODS", "Method", "MethodOutput", "RepairResult", "parse_options", "register_method", "repair"]
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (safelora.METHOD, nlsr.METHOD, safegene.METHOD, translator.METHOD)
+    m.name: m
+    for m in (
+        safelora.METHOD,
+        safelora_subspace.METHOD,
+        nlsr.METHOD,
+        nlsr_datafree.METHOD,
+        safegene.METHOD,
+        translator.METHOD,
+    )
 }
 
 
@@ -75,6 +83,9 @@ def repair(
             raise RepairError(
                 f"method {method!r} needs {kind.what} (none configured); build it with {kind.how}"
             )
+    problem = spec.reference_problem(reference) if spec.reference_problem else None
+    if problem:
+        raise RepairError(problem)
     if max_rank is not None and max_rank < 1:
         raise ConfigError(f"max_rank must be >= 1, got {max_rank!r}")
     t0 = time.perf_counter()

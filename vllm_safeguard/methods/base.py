@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from ..core.adapter import LoRAAdapter, LoRAModule
 from ..core.artifacts import ArtifactKind
+from ..core.reference import AlignmentReference
 from ..core.report import ModuleReport, RepairReport
 
 
@@ -45,3 +46,6 @@ class Method:
     options: type[BaseModel]
     run: Callable[..., MethodOutput]
     artifacts: tuple[ArtifactKind, ...] = ()
+    #: What the method needs of the reference beyond its SVD: ``None`` if this one will do, else the
+    #: problem (checked when the plugin starts and before every repair).
+    reference_problem: Callable[[AlignmentReference], str | None] | None = None

@@ -1,162 +1,212 @@
-"""NLSR (Yi et al.): neuron-level safety realignment, LoRA-native.
+"""NLSR (Yi et al.), analogue of the official code (xinykou/NLSR @ aaee2b7) on a LoRA served on an
+aligned model. Our data-free variant is :mod:`.nlsr_datafree`.
 
-Semantics (per module ``m`` with alignment delta ``V ~= U S Vh``; served model = aligned model; the
-adapter's update ``dW = s B A`` is relative to it)::
+The official pipeline works on two LoRAs over the same SFT model: the alignment LoRA, extrapolated
+(``expo-lora.py``: both factors x ``2 alpha``) into the super-aligned reference, and the fine-tuned
+LoRA, whose factor entries correspond to the reference's (it continues from them). Here the
+alignment is the full delta ``V = W_aligned - W_base`` and the adapter is trained from scratch on the
+aligned model, so the analogue (1) writes the reference as a LoRA on the aligned model at the
+adapter's rank ``r``: the super-aligned model ``W_base + (2 alpha)^2 V`` is ``W_aligned + c V`` with
+``c = (2 alpha)^2 - 1`` (2.24 at alpha 0.9), and ``c V`` is cut to its top ``r`` directions in
+balanced form; (2) puts the adapter in the same gauge (balanced SVD factors, column signs matched to
+the reference's), so entry ``(i, j)`` means the same thing in both. The rest follows the official
+code step by step.
 
-    V_super  = (1 + beta) V                   # super-aligned reference: W_super = W_aligned + beta V
-    score_i  = ||(U S)[i, :]||^2               # weight-based importance of output neuron i in V_super
-    S_m      = top neuron_fraction rows by score  # safety-critical neurons ("safety region")
-    # similarity of the safety region, patched model vs reference, measured from W_base so the
-    # shared base weights cancel:  patched = V[S] + dW[S],  reference = V_super[S]
-    P, R     = concat_m (V_m + dW_m)[S_m], concat_m V_m[S_m]      # per transformer layer l
-    sim_l    = <P, R> / (||R|| max(||P||, ||R||))   # cosine, shrunk by lost magnitude
-    degraded = {l : sim_l < similarity_threshold}   (or the top_k_layers least similar)
-    for m in degraded layers:                    # transplant the reference's safety neurons
-        dW'[S]  = beta V[S]        (= W_super - W_aligned on those rows)
-        dW'[~S] = dW[~S]
-        B', A'  = [(1 - E_S) s B | E_S beta U S], [A ; Vh]     # rank r + k; re-factorized only above max_rank
+Semantics (per module; ``U S Vh`` the reference's SVD of V, ``G = Vh (X^T X / n) Vh^T`` the input
+Gram on safety samples' response tokens, from :mod:`vllm_safeguard.core.activations`)::
 
-Everything is computed through the factors: row restrictions of ``B`` and ``U S``, r x k Gram
-products. The output is again a LoRA (rank <= r + k, bounded by ``max_rank``; energy kept recorded).
-Note: the similarity does not depend on beta (V_super is parallel to V); beta sets how far the
-transplanted neurons are pushed past the aligned model.
+    B_ref, A_ref = sqrt(c) U_r S_r^(1/2),  sqrt(c) S_r^(1/2) Vh_r           # [out, r], [r, in]
+    B, A         = balanced SVD factors of s B A, signs of B's columns matched to B_ref's
+    # model_wrapper_low.py: project each reference factor on the top q = int(0.8 r) right singular
+    # vectors of its output on the safety tokens (score = X W^T; lora_B's input is X A_ref^T)
+    A_proj = P_A A_ref,  P_A = top-q eigenvectors of A_ref G' A_ref^T         # G' = X^T X / n
+    B_proj = P_B B_ref,  P_B = top-q left singular vectors of B_ref (A_ref G' A_ref^T)^(1/2)
+    # sparsity_ratio_low.py: per tensor, entries strictly above the 80th percentile of |W_proj|
+    M_A = |A_proj| > sort(|A_proj|)[int(0.8 n)];  M_B likewise
+    # inner.py: plain cosine of the masked updates, one per module
+    cos = cosine(vec((M_B * B)(M_A * A)), vec((M_B * B_ref)(M_A * A_ref)))
+    # Adaptive_Search_Operation: rank N+1 for the most similar module down to 2 for the least
+    p = (prune_rate - eps) + 2 eps (rank - 2) / (N - 1);  torch.manual_seed(seed); bernoulli(p)
+    # transplant, rank kept:
+    A <- A * ~M_A + A_ref * M_A;   B <- B * ~M_B + B_ref * M_B
+
+As in the official code the selection probability *rises* with similarity (0.7 for the most similar
+module, 0.3 for the least), whatever the comment there says. Not reproduced: bf16 arithmetic (ties
+in the ranking), the CUDA generator's draws, the sequential projection of earlier layers while
+recording later ones, and 2000 PKU-SafeRLHF samples (the reference records whatever samples its
+builder passes; the lab uses its few-shot harmful prompts with refusals).
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 
 from ..core.adapter import LoRAAdapter, LoRAModule, layer_index
-from ..core.lowrank import bound_rank
+from ..core.lowrank import frob2, inner
 from ..core.reference import AlignmentReference, ModuleSubspace
 from ..core.report import ModuleReport
 from .base import Method, MethodOutput
 
+#: named_parameters() order of a Llama decoder layer: the order the official code ranks and draws in.
+OFFICIAL_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 class Options(BaseModel, extra="forbid"):
-    beta: float = Field(
-        0.5,
-        ge=0.0,
-        le=10.0,
-        description="Amplification of the alignment delta for the "
-        "super-aligned reference (W_super = W_aligned + beta * V).",
-    )
-    neuron_fraction: float = Field(
-        0.1, gt=0.0, le=1.0, description="Share of output neurons per module treated as safety-critical."
-    )
-    mode: Literal["threshold", "topk"] = Field("threshold", description="How degraded layers are chosen.")
-    similarity_threshold: float = Field(
+    expo_alpha: float = Field(
         0.9,
-        ge=-1.0,
-        le=1.0,
-        description="Layers whose safety-region cosine is below this are patched ('threshold' mode).",
+        ge=0.5,
+        le=5.0,
+        description="ExPO strength as the official expo-lora.py applies it: both alignment-LoRA factors "
+        "x 2*alpha, so the reference is W_aligned + ((2 alpha)^2 - 1) V (0.9: +2.24 V).",
     )
-    top_k_layers: int = Field(4, ge=0, description="Layers to patch in 'topk' mode (least similar first).")
-    default_max_rank: int = Field(
-        64, ge=1, description="Rank bound of the output when the caller gives none."
+    sparsity_ratio: float = Field(
+        0.8,
+        gt=0.0,
+        lt=1.0,
+        description="Share of each factor's entries below the mask threshold (0.8: the top 20% are "
+        "safety-critical); also the share of directions the activation-aware projection keeps.",
+    )
+    prune_rate: float = Field(0.5, ge=0.0, le=1.0, description="Mean selection probability (official 0.5).")
+    epsilon: float = Field(
+        0.2, ge=0.0, le=0.5, description="Half-width of the selection probabilities (official 0.2: 0.3-0.7)."
+    )
+    seed: int = Field(42, description="Seed of the selection draw (official 42).")
+
+
+def _balanced(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U sqrt(S), sqrt(S) Vt)`` of ``b @ a`` at exactly ``b``'s rank (zero directions kept)."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    u, s, vt = torch.linalg.svd(rb @ ra.T)
+    root = s.sqrt()
+    return (qb @ u) * root, root[:, None] * (vt @ qa.T)
+
+
+def reference_factors(sub: ModuleSubspace, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale * V`` cut to its top ``rank`` directions, balanced, zero-padded: ``[out, r], [r, in]``."""
+    k = min(rank, sub.rank)
+    root = (scale * sub.s[:k].double()).sqrt()
+    b = torch.zeros(sub.u.shape[0], rank, dtype=torch.float64)
+    a = torch.zeros(rank, sub.vh.shape[1], dtype=torch.float64)
+    b[:, :k] = sub.u[:, :k].double() * root
+    a[:k] = root[:, None] * sub.vh[:k].double()
+    return b, a
+
+
+def top_entries(w: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``|w| > sort(|w|)[int(n * ratio)]`` (sparsity_ratio_low.py): the safety-critical entries."""
+    metric = w.abs()
+    values = torch.sort(metric.flatten()).values
+    return metric > values[int(values.numel() * ratio)]
+
+
+def safety_masks(
+    sub: ModuleSubspace, b_ref: torch.Tensor, a_ref: torch.Tensor, ratio: float, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M_B, M_A)`` from the activation-aware projections of the reference factors
+    (``b_ref, a_ref = reference_factors(sub, r, scale)``)."""
+    assert sub.input_gram is not None
+    r = a_ref.shape[0]
+    k = min(r, sub.rank)
+    gram = torch.zeros(r, r, dtype=torch.float64)  # Vh_r G' Vh_r^T, padded like the factors
+    gram[:k, :k] = sub.input_gram[:k, :k].double()
+    root = torch.zeros(r, dtype=torch.float64)  # A_ref = diag(root) Vh_r
+    root[:k] = (scale * sub.s[:k].double()).sqrt()
+    m_a = root[:, None] * gram * root[None, :]  # A_ref G' A_ref^T  [r, r]
+    evals, evecs = torch.linalg.eigh(m_a)
+    q_a = int(min(r, a_ref.shape[1]) * ratio)
+    p_a = evecs.flip(1)[:, :q_a]  # top-q eigenvectors  [r, q]
+    a_proj = p_a @ (p_a.T @ a_ref)
+    half = evecs * evals.clamp_min(0.0).sqrt()  # M_A^(1/2) up to rotation: B_ref half half^T B_ref^T = M_B
+    left = torch.linalg.svd(b_ref @ half, full_matrices=False)[0]  # [out, r], descending
+    q_b = int(min(b_ref.shape[0], r) * ratio)
+    p_b = left[:, :q_b]
+    b_proj = p_b @ (p_b.T @ b_ref)
+    return top_entries(b_proj, ratio), top_entries(a_proj, ratio)
+
+
+def selection_probabilities(cos: torch.Tensor, prune_rate: float, epsilon: float) -> torch.Tensor:
+    """Adaptive_Search_Operation: ranks N+1 (most similar) .. 2, min-max normalized, to [p-eps, p+eps]."""
+    n = cos.numel()
+    if n == 1:  # the official min-max is 0/0 here
+        return torch.full_like(cos, prune_rate)
+    ranking = torch.empty_like(cos)
+    ranking[torch.argsort(cos, dim=0, descending=True)] = torch.arange(n + 1, 1, -1, dtype=cos.dtype)
+    norm = (ranking - ranking.min()) / (ranking.max() - ranking.min())
+    return ((prune_rate - epsilon) + norm * (2 * epsilon)).clip(0, 1)
+
+
+def official_order(name: str) -> tuple[int, int, str]:
+    kind = name.rsplit(".", 1)[-1]
+    layer = layer_index(name)
+    return (
+        -1 if layer is None else layer,
+        OFFICIAL_ORDER.index(kind) if kind in OFFICIAL_ORDER else 99,
+        name,
     )
 
 
-def safety_neurons(sub: ModuleSubspace, fraction: float) -> torch.Tensor:
-    """Indices of the ``fraction`` output neurons carrying most of the alignment delta's energy."""
-    score = ((sub.u * sub.s) ** 2).sum(1)
-    n = max(1, round(fraction * score.numel()))
-    return torch.topk(score, n).indices.sort().values
-
-
-def _region_terms(mod: LoRAModule, sub: ModuleSubspace, rows: torch.Tensor) -> tuple[float, float, float]:
-    """``(<V[S], dW[S]>, ||V[S]||^2, ||dW[S]||^2)`` via factors (Vh has orthonormal rows)."""
-    us = (sub.u * sub.s)[rows]  # [|S|, k]
-    bs = mod.scaled_b()[rows]  # [|S|, r]
-    av = mod.lora_a @ sub.vh.T  # [r, k]
-    cross = float(((bs.T @ us) * av).sum())
-    v2 = float((us**2).sum())
-    d2 = float(((bs.T @ bs) * (mod.lora_a @ mod.lora_a.T)).sum())
-    return cross, v2, d2
+def reference_problem(reference: AlignmentReference) -> str | None:
+    missing = [n for n, m in reference.modules.items() if m.input_gram is None]
+    if not missing:
+        return None
+    return (
+        f"method 'nlsr' scores weights on safety activations, and the reference has none for "
+        f"{len(missing)} of {len(reference.modules)} modules (e.g. {missing[0]!r}); rebuild it with "
+        "`vllm-safeguard reference build --safety-samples FILE` (or use 'nlsr_datafree')"
+    )
 
 
 def repair_modules(
     adapter: LoRAAdapter, reference: AlignmentReference, opts: Options, *, max_rank=None
 ) -> MethodOutput:
-    bound = max_rank or opts.default_max_rank
-    rows: dict[str, torch.Tensor] = {}
-    layer_terms: dict[int | None, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
-    module_sim: dict[str, float] = {}
-    for name, mod in adapter.modules.items():
-        sub = reference.modules.get(name)
-        if sub is None:
-            continue
-        rows[name] = safety_neurons(sub, opts.neuron_fraction)
-        cross, v2, d2 = _region_terms(mod, sub, rows[name])
-        acc = layer_terms[layer_index(name)]
-        acc[0], acc[1], acc[2] = acc[0] + cross, acc[1] + v2, acc[2] + d2
-        module_sim[name] = _cos(cross, v2, d2)
-    layer_sim = {layer: _cos(*t) for layer, t in layer_terms.items()}
-    if opts.mode == "threshold":
-        degraded = {layer for layer, s in layer_sim.items() if s < opts.similarity_threshold}
-    else:
-        degraded = set(sorted(layer_sim, key=lambda layer: layer_sim[layer])[: opts.top_k_layers])
-    modules: dict[str, LoRAModule] = {}
+    names = sorted((n for n in adapter.modules if n in reference.modules), key=official_order)
+    c = (2 * opts.expo_alpha) ** 2 - 1
+    parts: dict[str, tuple[torch.Tensor, ...]] = {}
+    cos: list[float] = []
+    for name in names:
+        mod, sub = adapter.modules[name], reference.modules[name]
+        b_ref, a_ref = reference_factors(sub, mod.rank, c)
+        b, a = _balanced(mod.scaled_b(), mod.lora_a)
+        flip = torch.where((b * b_ref).sum(0) < 0, -1.0, 1.0).to(b.dtype)
+        b, a = b * flip, flip[:, None] * a
+        m_b, m_a = safety_masks(sub, b_ref, a_ref, opts.sparsity_ratio, c)
+        bm, am, brm, arm = b * m_b, a * m_a, b_ref * m_b, a_ref * m_a
+        den = float(frob2(bm, am) * frob2(brm, arm)) ** 0.5
+        cos.append(float(inner(bm, am, brm, arm)) / den if den > 1e-30 else 0.0)
+        parts[name] = (b, a, b_ref, a_ref, m_b, m_a)
+    cos_t = torch.tensor(cos, dtype=torch.float32)
+    probs = selection_probabilities(cos_t, opts.prune_rate, opts.epsilon) if names else cos_t
+    drawn = torch.bernoulli(probs, generator=torch.Generator().manual_seed(opts.seed)) if names else probs
+    modules = dict(adapter.modules)
     reports: list[ModuleReport] = []
-    for name, mod in adapter.modules.items():
-        layer = layer_index(name)
-        if name not in rows:
-            modules[name] = mod
-            continue
-        extra = {"layer_similarity": layer_sim[layer], "neurons": float(rows[name].numel())}
-        if layer not in degraded:
-            modules[name] = mod
-            reports.append(
-                ModuleReport(
-                    module=name,
-                    layer=layer,
-                    similarity=module_sim[name],
-                    action="kept",
-                    rank_in=mod.rank,
-                    rank_out=mod.rank,
-                    extra=extra,
-                )
-            )
-            continue
-        sub = reference.modules[name]
-        mask = torch.zeros(mod.out_features, 1)
-        mask[rows[name]] = 1.0
-        b_cat = torch.cat([(1.0 - mask) * mod.scaled_b(), mask * (opts.beta * sub.u * sub.s)], dim=1)
-        a_cat = torch.cat([mod.lora_a, sub.vh], dim=0)
-        b2, a2, kept = bound_rank(b_cat, a_cat, bound)
-        modules[name] = LoRAModule(name, a2, b2, 1.0)
+    for i, name in enumerate(names):
+        mod = adapter.modules[name]
+        b, a, b_ref, a_ref, m_b, m_a = parts[name]
+        chosen = bool(drawn[i] == 1)
+        if chosen:
+            a_new = torch.where(m_a, a_ref, a).float()
+            b_new = torch.where(m_b, b_ref, b).float()
+            modules[name] = LoRAModule(name, a_new, b_new, 1.0)
         reports.append(
             ModuleReport(
                 module=name,
-                layer=layer,
-                similarity=module_sim[name],
-                action="transplanted",
+                layer=layer_index(name),
+                similarity=cos[i],
+                action="transplanted" if chosen else "kept",
                 rank_in=mod.rank,
-                rank_out=b2.shape[1],
-                energy_kept=kept,
-                extra=extra,
+                rank_out=modules[name].rank,
+                extra={
+                    "probability": float(probs[i]),
+                    "mask_a": float(m_a.float().mean()),
+                    "mask_b": float(m_b.float().mean()),
+                },
             )
         )
-    notes = [
-        f"patched {len(degraded)} of {len(layer_sim)} layers: {sorted(x for x in degraded if x is not None)}"
-    ]
-    return MethodOutput(modules, reports, notes)
+    done = sum(r.action == "transplanted" for r in reports)
+    notes = [f"transplanted {done} of {len(names)} modules (seeded draw, p rising with similarity rank)"]
+    return MethodOutput(modules, reports, notes, {"transplanted": done, "reference_scale": c})
 
 
-def _cos(cross: float, v2: float, d2: float) -> float:
-    """Magnitude-aware cosine of ``P = V[S] + dW[S]`` against ``V[S]`` from the three Gram terms.
-
-    ``<P, V> / (||V|| * max(||P||, ||V||))``: the plain cosine when the region kept at least its size,
-    and the surviving share of the alignment delta when it shrank. A plain cosine would score an
-    adapter that cancels 80% of V along V itself (``P = 0.2 V``) as perfectly similar.
-    """
-    p2 = max(v2 + 2 * cross + d2, 0.0)
-    den = v2**0.5 * max(p2, v2) ** 0.5
-    return (v2 + cross) / den if den > 0 else 1.0
-
-
-METHOD = Method("nlsr", Options, repair_modules)
+METHOD = Method("nlsr", Options, repair_modules, reference_problem=reference_problem)

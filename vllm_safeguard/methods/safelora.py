@@ -1,74 +1,100 @@
-"""SafeLoRA (Hsu et al., 2024): project LoRA updates onto the alignment subspace where they drift.
+"""SafeLoRA (Hsu et al., 2024), the paper's operator as its official code applies it (IBM/SafeLoRA,
+``model.py``: ``get_aligned_matrix``, ``projected_weighted``; defaults from ``config.py``).
 
-Semantics (per module with alignment delta ``V ~= U S Vh``, adapter update ``dW = B A``)::
+Semantics (per module with alignment delta ``V = W_aligned - W_base``, LoRA factors ``B``, ``A``)::
 
-    P = U @ U.T                                  # exact orthogonal projector onto span(V)'s top-k
-    sim = <P dW, dW> / (||P dW|| ||dW||)          # = ||U^T B A|| / ||B A||  (P is idempotent)
-    if sim < threshold (or module among the top_k least similar):
-        B <- U @ (U.T @ B)                        # dW <- P dW
+    C = V @ V.T / ||V||_F                        # get_aligned_matrix; not a projector (C @ C != C)
+    cos = round(cosine(vec(C @ B @ A), vec(B @ A)), 5)
+    mode "number" (official default): thr = sorted(cos)[num_proj_layers - 1]
+    mode "threshold":                 thr = threshold (official default 0.5)
+    for every module with cos <= thr:  B <- C @ B       # rank unchanged, A and the scaling kept
 
-Only the ``k x r`` product ``U^T B`` is formed; the ``out x out`` projector never is.
-Departure from the paper, on purpose: the paper's ``C = V V^T / ||V||_F`` is not idempotent (its
-scale depends on V's spectrum); the orthonormal ``U U^T`` makes "projected" well defined, makes the
-repair idempotent, and keeps the energy-truncation rank as the single knob.
+Computed in low-rank form from the reference's SVD ``V = U diag(S) Vh``: ``C B = U (S^2 * (U^T B)) /
+||V||_F``, and both norms in the cosine come from ``r x r`` Gram matrices (``M = U^T B``)::
+
+    <C B A, B A> = sum((M^T S^2 M) * (A A^T)) / ||V||_F
+    ||C B A||^2  = sum((M^T S^4 M) * (A A^T)) / ||V||_F^2
+
+so the ``out x out`` matrix ``C`` is never formed. With a reference that keeps every singular direction
+(``energy 1.0``, ``max_rank >= min(out, in)``) this is the paper's operator exactly (to float rounding;
+the test compares it with a dense transcription of the official code). With a truncated reference it
+uses ``C_k = U_k S_k^2 U_k^T / ||V||_F`` (the norm of the full delta); the report's notes give the
+relative error ``||C - C_k||_F / ||C||_F`` the reference recorded at build time.
+
+Modules the reference does not hold (identical aligned and base weights, ``V = 0``) are kept: the
+official code's ``C`` is ``0 / 0`` there and ``NaN <= thr`` never selects them.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import numpy
+import torch
 from pydantic import BaseModel, Field
 
 from ..core.adapter import LoRAAdapter, LoRAModule, layer_index
 from ..core.lowrank import frob2
-from ..core.reference import AlignmentReference
+from ..core.reference import AlignmentReference, ModuleSubspace
 from ..core.report import ModuleReport
 from .base import Method, MethodOutput
 
 
 class Options(BaseModel, extra="forbid"):
-    mode: Literal["threshold", "topk"] = Field(
-        "threshold",
-        description="'threshold': project modules with similarity < threshold; "
-        "'topk': project the top_k least similar modules.",
+    select_layers_type: Literal["number", "threshold"] = Field(
+        "number",
+        description="How modules are chosen (official names): 'number' projects the num_proj_layers least "
+        "similar modules (ties at the cut included), 'threshold' every module with cosine <= threshold.",
+    )
+    num_proj_layers: int = Field(
+        10, ge=1, description="Modules projected in 'number' mode (official default 10)."
     )
     threshold: float = Field(
-        0.35,
-        ge=0.0,
-        le=1.0,
-        description="Similarity below which a module is projected (SafeLoRA's Llama-2 setting is 0.35).",
+        0.5, ge=0.0, le=1.0, description="Cosine at or below which a module is projected in 'threshold' mode."
     )
-    top_k: int = Field(10, ge=0, description="Modules to project in 'topk' mode.")
 
 
-def similarity(mod: LoRAModule, u) -> float:
-    """``||U^T B A||_F / ||B A||_F`` — cosine between the projected and the original update."""
-    total = float(frob2(mod.lora_b, mod.lora_a))
-    if not total > 0.0:  # zero, or a Gram sum that rounded below zero (cancelling components)
-        return 1.0
-    inside = max(0.0, float(frob2(u.T @ mod.lora_b, mod.lora_a)))  # (negative)**0.5 would be complex
-    return min(1.0, (inside / total) ** 0.5)
+def aligned_product(sub: ModuleSubspace, b: torch.Tensor) -> torch.Tensor:
+    """``C @ B = U (S^2 * (U^T B)) / ||V||_F`` in float64: ``[out, r]``."""
+    u = sub.u.double()
+    return u @ ((sub.s.double() ** 2)[:, None] * (u.T @ b.double())) / sub.delta_norm
+
+
+def cosine(sub: ModuleSubspace, mod: LoRAModule) -> float:
+    """``cosine(vec(C B A), vec(B A))`` from ``r x r`` Grams, rounded to 5 places as the official code."""
+    b, a = mod.lora_b.double(), mod.lora_a.double()
+    m = sub.u.double().T @ b
+    s2 = sub.s.double() ** 2
+    gram_a = a @ a.T
+    norm = sub.delta_norm
+    inner = float(((m.T @ (s2[:, None] * m)) * gram_a).sum()) / norm
+    projected2 = float(((m.T @ ((s2**2)[:, None] * m)) * gram_a).sum()) / norm**2
+    total2 = float(frob2(b, a))
+    if not (projected2 > 0.0 and total2 > 0.0):
+        return float("nan")  # the official cosine of a zero vector; never selected (NaN <= thr is False)
+    return float(numpy.round(inner / (projected2 * total2) ** 0.5, 5))
 
 
 def repair_modules(
     adapter: LoRAAdapter, reference: AlignmentReference, opts: Options, *, max_rank=None
 ) -> MethodOutput:
     sims: dict[str, float] = {
-        name: similarity(mod, reference.modules[name].u)
+        name: cosine(reference.modules[name], mod)
         for name, mod in adapter.modules.items()
         if name in reference.modules
     }
-    if opts.mode == "threshold":
-        chosen = {n for n, s in sims.items() if s < opts.threshold}
+    if opts.select_layers_type == "threshold":
+        thr = opts.threshold
     else:
-        chosen = set(sorted(sims, key=lambda n: sims[n])[: opts.top_k])
+        ordered = numpy.sort(numpy.array(list(sims.values()), dtype=numpy.float64))  # NaN sorts last
+        thr = float(ordered[: opts.num_proj_layers][-1]) if ordered.size else float("nan")
+    chosen = {n for n, c in sims.items() if c <= thr}
     modules: dict[str, LoRAModule] = {}
     reports: list[ModuleReport] = []
     for name, mod in adapter.modules.items():
         if name in chosen:
-            u = reference.modules[name].u
-            new = LoRAModule(name, mod.lora_a.clone(), u @ (u.T @ mod.lora_b), mod.scaling)
-            action = "projected"
+            cb = aligned_product(reference.modules[name], mod.lora_b).to(mod.lora_b.dtype)
+            new, action = LoRAModule(name, mod.lora_a.clone(), cb, mod.scaling), "projected"
         else:
             new, action = mod, "kept"
         modules[name] = new
@@ -83,8 +109,18 @@ def repair_modules(
                     rank_out=new.rank,
                 )
             )
-    notes = [f"projected {len(chosen)} of {len(sims)} matched modules"]
-    return MethodOutput(modules, reports, notes)
+    notes = [f"projected {len(chosen)} of {len(sims)} matched modules (cosine <= {thr:.5f})"]
+    errors = [
+        e
+        for name in chosen
+        if (meta := reference.manifest.modules.get(name)) is not None and (e := meta.gram_error) is not None
+    ]
+    if errors and max(errors) > 0.0:
+        notes.append(
+            f"truncated reference: ||C - C_k||_F / ||C||_F up to {max(errors):.3g} "
+            f"(mean {sum(errors) / len(errors):.3g}) over the projected modules"
+        )
+    return MethodOutput(modules, reports, notes, {"threshold_used": thr, "projected": len(chosen)})
 
 
 METHOD = Method("safelora", Options, repair_modules)

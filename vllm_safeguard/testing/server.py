@@ -3,7 +3,7 @@
 Every e2e test, benchmark and the demo writes its server the same way::
 
     argv = vllm_server_argv(ws.base, port=PORT, max_cpu_loras=8, lora_modules={"unsafe": path})
-    env = server_env(safeguard={"method": "nlsr", "risk_threshold": "0.1"}, runtime_lora_updating=True)
+    env = server_env(safeguard={"method": "nlsr_datafree", "risk_threshold": "0.1"}, runtime_lora_updating=True)
     server = launch_test_server(argv, env=env, log_path=root / "server.log")
 
 :func:`vllm_server_argv` is the only place the OpenAI server's argument list is written,

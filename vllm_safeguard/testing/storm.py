@@ -3,7 +3,7 @@ adapters into a live server (``tests/e2e/test_hostile_server.py``, ``test_evasio
 
 :func:`prepare` builds a tiny workspace, the hostile corpus (:mod:`.attacks`) shaped for its model and a
 root for good adapters; :func:`launch` starts the server with both as ``adapter_roots``, runtime LoRA
-updating, a static adapter and method ``nlsr`` at ``risk_threshold`` 0 (every acceptable adapter must be
+updating, a static adapter and method ``nlsr_datafree`` at ``risk_threshold`` 0 (every acceptable adapter must be
 repaired); :func:`hostile_requests` lists every hostile load to send.
 """
 
@@ -22,7 +22,7 @@ from .server import launch_test_server, server_env, vllm_server_argv
 from .workspace import Workspace, prepare_tiny_workspace
 
 MODEL = "tiny"
-METHOD = "nlsr"
+METHOD = "nlsr_datafree"
 # Half of each module's neurons transplanted: repairs the tiny workspace's unsafe adapter below
 # max_served_risk (NLSR's default 10% leaves risk 0.68, which admission refuses as unrepairable).
 METHOD_OPTIONS = '{"neuron_fraction": 0.5}'

@@ -227,6 +227,35 @@ def extract_from_models(
     return SafetyAdapter(LoRAAdapter(_safety_config(rank, targets_used), modules), manifest)
 
 
+def from_trained_lora(
+    lora: LoRAAdapter, *, aligned_dir: str | os.PathLike[str] | None = None, source: str | None = None
+) -> SafetyAdapter:
+    """A safety adapter from a LoRA *trained* for safety on the aligned model (DSA's safety adapter).
+
+    Semantics::
+
+        for every module of ``lora``:  B_s = scaling * B,  A_s = A   (scaling folded; rank padded to max r)
+        layers = every transformer layer the LoRA adapts (no selection, no recalibration)
+
+    so the plugin's alpha path adds ``alpha * B_s A_s``, i.e. ``alpha`` times the trained update.
+    """
+    if not lora.modules:
+        raise ReferenceArtifactError("the trained safety LoRA has no modules")
+    rank = max(m.rank for m in lora.modules.values())
+    modules: dict[str, LoRAModule] = {}
+    for name, mod in lora.modules.items():
+        b, a = _pad_rank(mod.scaled_b().float(), mod.lora_a.float(), rank)
+        modules[name] = LoRAModule(name, a, b, 1.0)
+    manifest = SafetyManifest(
+        rank=rank,
+        layers=sorted({x for x in (layer_index(n) for n in modules) if x is not None}),
+        sources=[source or lora.source or "<in-memory>"],
+        model_fingerprint=model_fingerprint(aligned_dir) if aligned_dir else None,
+    )
+    targets = {n.rsplit(".", 1)[-1] for n in modules}
+    return SafetyAdapter(LoRAAdapter(_safety_config(rank, targets), modules), manifest)
+
+
 def _pad_rank(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad factors to exactly ``rank`` (one uniform rank keeps the PEFT folder simple)."""
     k = b.shape[1]

@@ -20,9 +20,9 @@ repaired) is one the canonical form neutralizes: what is served is then exactly 
 
 Each case runs under a :data:`PROFILES` entry (the plugin config and the served dtype):
 
-* ``main``: method ``nlsr`` with ``neuron_fraction`` 0.5, ``risk_threshold`` 0.1, fp32 (the e2e server's
+* ``main``: method ``nlsr_datafree`` with ``neuron_fraction`` 0.5, ``risk_threshold`` 0.1, fp32 (the e2e server's
   config; on the tiny workspace it repairs the textbook unsafe adapter from risk 1.0 to ~0.03);
-* ``noop``: method ``safelora`` at threshold 0 (it never lowers this workspace's risk: class 2);
+* ``noop``: method ``safelora_subspace`` at threshold 0 (it never lowers this workspace's risk: class 2);
 * ``strip``: ``main`` with ``coverage: strip``; ``fp16``: ``main`` served in fp16.
 
 The registry, outcomes, profiles and factor builders are in :mod:`.parts`, the cases in :mod:`.cases`.

@@ -46,10 +46,10 @@ class Profile:
         return getattr(torch, self.served_dtype)
 
 
-_MAIN = {"method": "nlsr", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
+_MAIN = {"method": "nlsr_datafree", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
 PROFILES: dict[str, Profile] = {
     "main": Profile(_MAIN),
-    "noop": Profile({"method": "safelora", "method_options": {}, "risk_threshold": 0.0}),
+    "noop": Profile({"method": "safelora_subspace", "method_options": {}, "risk_threshold": 0.0}),
     "strip": Profile({**_MAIN, "coverage": "strip"}),
     "fp16": Profile(_MAIN, "float16"),
 }
