@@ -141,3 +141,22 @@ def test_truncated_reference_reports_the_operator_error(tiny_models):
     notes = repair(adapter, cut, "safelora", {"num_proj_layers": 4}).report.notes
     if max(m.gram_error or 0.0 for m in cut.manifest.modules.values()) > 0:
         assert any("||C - C_k||_F" in n for n in notes)
+
+
+def test_a_zero_update_ranks_as_least_similar_as_in_the_official_code():
+    """torch's cosine_similarity of a zero vector is 0 (eps-clamped norms), so the official code ranks a
+    module whose B A is 0 first and it takes one of the num_proj_layers places."""
+    g = torch.Generator().manual_seed(3)
+    deltas, mods = {}, {}
+    for i in range(3):
+        name = f"model.layers.{i}.self_attn.q_proj"
+        deltas[name] = torch.randn(6, 5, generator=g, dtype=torch.float64)
+        b = torch.zeros(6, 2) if i == 1 else torch.randn(6, 2, generator=g)
+        mods[name] = LoRAModule(name, torch.randn(2, 5, generator=g), b, 1.0)
+    adapter = LoRAAdapter({"r": 2, "lora_alpha": 2}, mods)
+    _, cos = official_projected_weighted(deltas, adapter, "number", 0.5, 1)
+    assert cos["model.layers.1.self_attn.q_proj"] == 0.0
+    assert _check(deltas, adapter, _exact_reference(deltas), {"num_proj_layers": 1}, "number", 0.5, 1) >= 1
+    res = repair(adapter, _exact_reference(deltas), "safelora", {"num_proj_layers": 1})
+    actions = {r.module: r.action for r in res.report.modules}
+    assert actions["model.layers.1.self_attn.q_proj"] == "projected"

@@ -11,8 +11,6 @@ never a test prompt), converted with ``safegene.from_trained_lora`` and given to
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -29,14 +27,19 @@ METHODS = (DSA_ALPHA, DSA_AUTO_CAL)
 _CAL = "|dsa-cal-"
 
 
-def stage_dsa_adapter(cfg: LabConfig, aligned: Path, rows: Sequence[SFTExample]) -> tuple[Path, str]:
-    """``(safety adapter folder, key)``: the trained LoRA in the plugin's safety-adapter format."""
-    from vllm_safeguard.core.adapter_io import load_adapter
+def stage_dsa_adapter(
+    cfg: LabConfig, aligned: Path, rows: Sequence[SFTExample], *, build: bool = True
+) -> tuple[Path, str]:
+    """``(safety adapter folder, key)``: the trained LoRA in the plugin's safety-adapter format
+    (``build=False``: only from the cache, else RuntimeError)."""
+    from vllm_safeguard.core.adapter_io import load_adapter, write_folder_atomically
     from vllm_safeguard.methods.safegene import from_trained_lora
 
     lora_key = key_of("dsa-lora", file_hash(aligned), [asdict(r) for r in rows], asdict(cfg.lora_recipe))
 
     def train(folder: Path) -> None:
+        if not build:
+            raise RuntimeError("DSA safety LoRA not built yet (cached-only run)")
         log(f"dsa: safety LoRA on the aligned model, {len(rows)} rows ({cfg.lora_recipe.steps} steps)")
         train_lora(aligned, folder, rows, cfg.lora_recipe)
 
@@ -47,10 +50,7 @@ def stage_dsa_adapter(cfg: LabConfig, aligned: Path, rows: Sequence[SFTExample])
         safety = from_trained_lora(
             load_adapter(lora_dir), aligned_dir=aligned, source=f"dsa-lora {lora_key[:12]}"
         )
-        tmp = folder.with_name("artifact.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        safety.save(tmp)
-        os.replace(tmp, folder)
+        write_folder_atomically(folder, safety.save)
     return folder, key
 
 
@@ -64,9 +64,11 @@ def dsa_rows(
     guard: tuple[Path, str],
     suite_for: Callable[[tuple[str, ...]], Any],
     run_eval: Callable[..., dict[str, dict[str, Any]]],
+    *,
+    build: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """Results of the DSA rows (``<adapter>|dsa-*``) and the DSA adapter's alpha calibration."""
-    dsa_dir, dsa_key = stage_dsa_adapter(cfg, aligned, rows)
+    dsa_dir, dsa_key = stage_dsa_adapter(cfg, aligned, rows, build=build)
     engine_artifacts = {**artifacts, "safety": (dsa_dir, dsa_key)}
     guard_dir, guard_key = guard
     plugin = extras.plugin_engine(cfg, engine_artifacts, guard_dir, guard_key)

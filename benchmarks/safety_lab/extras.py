@@ -25,6 +25,7 @@ from typing import Any
 from benchmarks.safety_lab import data as D
 from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import DOMAIN_NAMES, LabConfig, heldout_unsafe
+from vllm_safeguard.core.adapter_io import write_folder_atomically
 
 # Method names of the extra rows (the report labels them).
 TRANSLATOR_MODES = ("surgical", "aggressive", "moe")
@@ -139,11 +140,7 @@ def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Pa
             domain_test=sets["domain_test"],
             target_fpr=cfg.guard_target_fpr,
         )
-        tmp = folder / "artifact.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        probe.save(tmp)
-        shutil.rmtree(probe_dir, ignore_errors=True)
-        os.replace(tmp, probe_dir)
+        write_folder_atomically(probe_dir, probe.save)
         metrics_path.write_text(json.dumps(result, indent=1))
     return probe_dir, json.loads(metrics_path.read_text()), key
 
@@ -274,10 +271,7 @@ def stage_calibrated_guard(guard_dir: Path, guard_key: str, alpha_high: float) -
     if not folder.is_dir():
         probe = GuardProbe.load(guard_dir)
         probe.manifest.alpha_high = float(alpha_high)
-        tmp = folder.with_name("artifact.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        probe.save(tmp)
-        os.replace(tmp, folder)
+        write_folder_atomically(folder, probe.save)
     return folder, key
 
 

@@ -4,8 +4,9 @@ Two measurements, on the aligned model's hidden states (the guard's features), c
 
 1. **Held-out categories.** For each HarmBench semantic category ``c``: a probe trained exactly like
    the lab's guard (same benign pool, same validation split, threshold at the target FPR) but on the
-   harmful training prompts of the *other* categories, scored on every prompt of ``c`` (test, few-shot
-   and training splits: the probe saw none of them). Reported per category and pooled (TPR at the
+   harmful training prompts of the *other* categories, scored on the test and few-shot prompts of
+   ``c`` (not its training-split prompts: the probe never saw those either, but the aligned model whose
+   states it reads was fine-tuned to refuse them, which would flatter the probe). Reported per category and pooled (TPR at the
    threshold with a Wilson interval; AUROC against the benign and domain test prompts).
 2. **Jailbreak templates.** The lab's guard (all categories) on the test split's harmful prompts
    wrapped in templates this project writes (:data:`TEMPLATES`: role play, "for a novel", prefix
@@ -69,19 +70,37 @@ def _flagged(probe: GuardProbe, states: torch.Tensor) -> tuple[torch.Tensor, int
 
 
 def stage_guard_generalization(
-    cfg: LabConfig, aligned: Path, data: dict[str, Any], sets: dict[str, list[str]], guard: tuple[Path, str]
+    cfg: LabConfig,
+    aligned: Path,
+    data: dict[str, Any],
+    sets: dict[str, list[str]],
+    guard: tuple[Path, str],
+    *,
+    build: bool = True,
 ) -> dict[str, Any]:
-    """The two measurements above (``sets``: the lab guard's ``guard_sets``; ``guard``: its probe)."""
+    """The two measurements above (``sets``: the lab guard's ``guard_sets``; ``guard``: its probe;
+    ``build=False``: only from the cache, else RuntimeError)."""
     harm_all = [
         (p, c)
         for split in ("train", "fewshot", "test")
         for p, c in zip(data["harm"][split], data["harm_categories"][split], strict=True)
     ]
     train_cat = dict(zip(data["harm"]["train"], data["harm_categories"]["train"], strict=True))
-    key = key_of("guard-gen", file_hash(aligned), sets, harm_all, TEMPLATES, guard[1], cfg.guard_target_fpr)
+    key = key_of(
+        "guard-gen",
+        "held=test+fewshot",
+        file_hash(aligned),
+        sets,
+        harm_all,
+        TEMPLATES,
+        guard[1],
+        cfg.guard_target_fpr,
+    )
     path = stage_dir("guard-gen", key) / "result.json"
     if path.exists():
         return json.loads(path.read_text())
+    if not build:
+        raise RuntimeError("guard generalization not computed yet (cached-only run)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_safeguard.core.model_files import model_fingerprint
@@ -114,7 +133,9 @@ def stage_guard_generalization(
     k_all = n_all = 0
     for cat in sorted({c for _, c in harm_all}):
         train = [p for p in harm_train if train_cat[p] != cat]
-        held = [p for p, c in harm_all if c == cat]
+        # Only prompts nothing was tuned on: the aligned model (whose states the probe reads) was
+        # fine-tuned to refuse the train split, so its held-out-category train prompts would flatter.
+        held = [p for p, c in harm_all if c == cat and p not in train_cat]
         probe = fit_probe(
             states["harm"][[index[p] for p in train]],
             states["benign_train"],
@@ -186,13 +207,21 @@ def markdown(gen: dict[str, Any] | None, aligned_wrapped: dict[str, Any] | None 
     """The report's section on the two measurements (nothing when they were not run)."""
     if not gen:
         return []
+    if "error" in gen:
+        return [
+            "",
+            "## Guard generalization (prompts unlike its training set)",
+            "",
+            f"Failed: {gen['error']}",
+        ]
     cats, tpl = gen["held_out_categories"], gen["templates"]
     out = [
         "",
         "## Guard generalization (prompts unlike its training set)",
         "",
         "Held-out HarmBench categories: one probe per category, trained on the other categories' training "
-        "prompts exactly like the lab's guard, scored on every prompt of the held-out category.",
+        "prompts exactly like the lab's guard, scored on the held-out category's test and few-shot prompts "
+        "(the aligned model was tuned to refuse its training-split prompts, so those are left out).",
         "",
         "| held-out category | n train | TPR at threshold | FPR benign+domain | AUROC |",
         "|---|---|---|---|---|",

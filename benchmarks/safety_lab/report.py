@@ -35,7 +35,7 @@ METHOD_LABELS = {
     "translator-aggressive": "NeWTral translator (aggressive expert)",
     "translator-moe": "NeWTral translator (MoE)",
     "alpha-0": "alpha 0 (unrepaired, through vLLM's LoRA path)",
-    "auto": "DSA auto (guard picks alpha)",
+    "auto": "auto (guard picks alpha) over SafeGene's extracted vector, default alpha_high",
     "auto-cal": "auto (guard picks alpha) over SafeGene's extracted vector, alpha_high calibrated on the few-shot split",
     "dsa-alpha-1": "DSA: trained safety LoRA, fixed alpha 1",
     "none-wrapped": "no repair, harmful prompts in jailbreak templates",
@@ -299,9 +299,13 @@ def _markdown(
             if r is None:  # a method this run's JSON predates
                 continue
             full = p["table"][f"{group}|none"]["adapters"]
-            if m.startswith(("alpha-", "translator-")) and r["adapters"] < full:
+            if m.startswith("translator-") and r["adapters"] < full:
                 continue  # rows pooled over a subset of the group's adapters would not compare
             note = "; ".join(sorted({str(v) for v in r["missing"].values()}))[:160] if r["missing"] else ""
+            if m.startswith("alpha-") and r["adapters"] < full:  # the sweep runs on the first seed only
+                note = f"first evaluation seed only: {r['adapters']} of {full} adapters" + (
+                    f"; {note}" if note else ""
+                )
             L.append(
                 f"| {label(m)} | {_fmt_rate(r['asr'])} | {_fmt_fid(r['fidelity'])} | {_fmt_rate(r['task_accuracy'])} | {_fmt_rate(r['over_refusal'])} | {note} |"
             )
@@ -326,7 +330,8 @@ def _markdown(
             L.append(f"| {n} | {adapters[n]['role']} | " + " | ".join(cells) + " |")
     L += _guard_markdown(meta.get("guard"))
     L += guard_generalization.markdown(meta.get("guard_generalization"), results.get("aligned-wrapped"))
-    L += _calibration_markdown(meta.get("alpha_calibration"))
+    L += _calibration_markdown(meta.get("alpha_calibration"), "SafeGene's extracted vector", "auto-cal")
+    L += _calibration_markdown(meta.get("dsa_alpha_calibration"), "DSA's trained safety LoRA", "dsa-auto-cal")
     L += translator_cal.markdown(meta.get("translator_calibration"))
     L += tradeoff.markdown(checks.get("translator_moe_vs_experts"))
     L += ["", "## Acceptance checks (computed)", ""]
@@ -429,18 +434,20 @@ def _extra_checks(table: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def _calibration_markdown(cal: dict[str, Any] | None) -> list[str]:
+def _calibration_markdown(cal: dict[str, Any] | None, delta: str, row: str) -> list[str]:
+    """Where auto mode's alpha_high came from (``delta``: the safety delta it scales)."""
     if not cal:
         return []
+    head = ["", f"## Auto mode's alpha_high, calibrated ({delta})", ""]
+    if "error" in cal:
+        return [*head, f"Failed: {cal['error']}"]
     asr = ", ".join(f"alpha {a}: {100 * v:.1f}%" for a, v in cal["fewshot_asr_by_alpha"].items())
     return [
-        "",
-        "## Auto mode's alpha_high, calibrated",
-        "",
+        *head,
         f"Chosen alpha_high = {cal['alpha_high']:g}: the smallest alpha whose ASR on the few-shot harmful "
         f"prompts, with the extraction-seed unsafe experts, is <= {100 * cal['target_asr']:.0f}% ({asr}). "
         "Neither those prompts nor those adapters enter any number of the table; the row "
-        "'DSA auto, alpha_high calibrated' uses this probe on the evaluation adapters.",
+        f"'{label(row)}' uses this probe on the evaluation adapters.",
     ]
 
 
@@ -487,7 +494,9 @@ def _diagnostics(table: dict[str, Any], methods: Sequence[str]) -> list[str]:
                 f"ASR {100 * asr:.1f}% > {100 * TARGETS['best_asr_max']:.0f}% (repair too weak for these attacks)"
             )
         fid = (r["fidelity"] or {}).get("value")
-        if fid is None:
+        if m.endswith("-wrapped"):
+            pass  # harmful prompts only, by design: no task, no fidelity
+        elif fid is None:
             misses.append("fidelity undefined (the unrepaired adapters solved no task)")
         elif fid < TARGETS["best_fidelity_min"]:
             misses.append(

@@ -491,12 +491,21 @@ def main(argv: list[str] | None = None) -> int:
     guard_gen: dict[str, Any] | None = None
     if "safety" in artifacts:
         guard_dir, guard_metrics, guard_key = timed("guard", lambda: extras.stage_guard(cfg, aligned, data))
-        guard_gen = timed(
-            "guard_generalization",
-            lambda: GG.stage_guard_generalization(
-                cfg, aligned, data, extras.guard_sets(cfg, data), (guard_dir, guard_key)
-            ),
-        )
+        try:
+            guard_gen = timed(
+                "guard_generalization",
+                lambda: GG.stage_guard_generalization(
+                    cfg,
+                    aligned,
+                    data,
+                    extras.guard_sets(cfg, data),
+                    (guard_dir, guard_key),
+                    build=not args.cached_only,
+                ),
+            )
+        except Exception as e:  # the report still gets written, with the error
+            guard_gen = {"error": f"{type(e).__name__}: {e}"}
+            log(f"guard generalization failed: {e}\n{traceback.format_exc()}")
         plugin_cfg, plugin_key = extras.plugin_engine(cfg, artifacts, guard_dir, guard_key)
         alpha_jobs = extras.calibration_jobs(cfg, adapters, data)
         alpha_jobs.update(extras.alpha_jobs(cfg, adapters, lambda d: suite_for(cfg, data, d), with_auto=True))
@@ -517,12 +526,25 @@ def main(argv: list[str] | None = None) -> int:
             )
         rows = align_data(cfg, data, base_out["benign_answers"])
         suite_of = lambda d: suite_for(cfg, data, d)  # noqa: E731
-        dsa_results, dsa_calibration = timed(
-            "dsa",
-            lambda: dsa.dsa_rows(
-                cfg, aligned, rows, adapters, data, artifacts, (guard_dir, guard_key), suite_of, run_eval
-            ),
-        )
+        try:
+            dsa_results, dsa_calibration = timed(
+                "dsa",
+                lambda: dsa.dsa_rows(
+                    cfg,
+                    aligned,
+                    rows,
+                    adapters,
+                    data,
+                    artifacts,
+                    (guard_dir, guard_key),
+                    suite_of,
+                    run_eval,
+                    build=not args.cached_only,
+                ),
+            )
+        except Exception as e:  # the report still gets written, with the error
+            dsa_results, dsa_calibration = {}, {"error": f"{type(e).__name__}: {e}"}
+            log(f"dsa rows failed: {e}\n{traceback.format_exc()}")
         results.update(dsa_results)
 
     from benchmarks.safety_lab.report import write_report

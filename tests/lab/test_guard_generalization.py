@@ -42,6 +42,10 @@ def test_stage_reports_held_out_categories_and_templates(tiny_models, tmp_path, 
         "benign_test": _prompts(BENIGN_WORDS, 8, 4),
         "domain_test": _prompts(["add", "sort"], 4, 5),
     }
+    with pytest.raises(RuntimeError, match="cached-only"):
+        GG.stage_guard_generalization(
+            LabConfig(), aligned, data, sets, (tmp_path / "guard", "k"), build=False
+        )
     probe, _ = train_and_test(
         aligned,
         harm_train=sets["harm_train"],
@@ -55,8 +59,10 @@ def test_stage_reports_held_out_categories_and_templates(tiny_models, tmp_path, 
     res = GG.stage_guard_generalization(LabConfig(), aligned, data, sets, (guard_dir, "k"))
     cats = res["held_out_categories"]["per_category"]
     assert set(cats) == {"chem", "cyber"}
-    assert cats["chem"]["tpr_at_threshold"]["n"] == 18 and cats["chem"]["n_train_harmful"] == 12
-    assert res["held_out_categories"]["pooled_tpr_at_threshold"]["n"] == 36
+    # held out: the category's few-shot + test prompts (2 + 4), never its training-split ones, which
+    # the aligned model was tuned to refuse; the probe trains on the other category's 12
+    assert cats["chem"]["tpr_at_threshold"]["n"] == 6 and cats["chem"]["n_train_harmful"] == 12
+    assert res["held_out_categories"]["pooled_tpr_at_threshold"]["n"] == 12
     tpl = res["templates"]
     assert tpl["tpr_at_threshold"]["n"] == 8 and set(tpl["tpr_by_template"]) == {n for n, _ in GG.TEMPLATES}
     assert sum(r["n"] for r in tpl["tpr_by_template"].values()) == 8

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 
-from ..core.adapter import LoRAAdapter, LoRAModule
+from ..core.adapter import LoRAAdapter, LoRAModule, layer_index
 from ..core.artifacts import ArtifactKind
 from ..core.reference import AlignmentReference
 from ..core.report import ModuleReport, RepairReport
@@ -49,3 +50,36 @@ class Method:
     #: What the method needs of the reference beyond its SVD: ``None`` if this one will do, else the
     #: problem (checked when the plugin starts and before every repair).
     reference_problem: Callable[[AlignmentReference], str | None] | None = None
+
+
+def project_modules(
+    adapter: LoRAAdapter,
+    chosen: set[str],
+    sims: dict[str, float],
+    project_b: Callable[[str, torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, LoRAModule], list[ModuleReport]]:
+    """SafeLoRA's step shared by the paper operator and its variant: ``B <- project_b(name, B)`` for
+    the ``chosen`` modules (A, scaling and rank kept), the rest kept; one report per module in ``sims``."""
+    modules: dict[str, LoRAModule] = {}
+    reports: list[ModuleReport] = []
+    for name, mod in adapter.modules.items():
+        if name in chosen:
+            new, action = (
+                LoRAModule(name, mod.lora_a.clone(), project_b(name, mod.lora_b), mod.scaling),
+                "projected",
+            )
+        else:
+            new, action = mod, "kept"
+        modules[name] = new
+        if name in sims:
+            reports.append(
+                ModuleReport(
+                    module=name,
+                    layer=layer_index(name),
+                    similarity=sims[name],
+                    action=action,
+                    rank_in=mod.rank,
+                    rank_out=new.rank,
+                )
+            )
+    return modules, reports

@@ -33,8 +33,11 @@ Gram on safety samples' response tokens, from :mod:`vllm_safeguard.core.activati
 As in the official code the selection probability *rises* with similarity (0.7 for the most similar
 module, 0.3 for the least), whatever the comment there says. Not reproduced: bf16 arithmetic (ties
 in the ranking), the CUDA generator's draws, the sequential projection of earlier layers while
-recording later ones, and 2000 PKU-SafeRLHF samples (the reference records whatever samples its
-builder passes; the lab uses its few-shot harmful prompts with refusals).
+recording later ones, the model the activations come from (the official code records them on the
+SFT model with the super-aligned LoRA on; ours on the aligned model, which the reference is built
+from), and 2000 PKU-SafeRLHF samples (the reference records whatever samples its builder passes; the
+lab uses its few-shot harmful prompts with refusals). When the reference keeps fewer directions than
+the adapter's rank, its factors are zero-padded (the official reference LoRA has the full rank 128).
 """
 
 from __future__ import annotations

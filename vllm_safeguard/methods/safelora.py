@@ -22,7 +22,8 @@ uses ``C_k = U_k S_k^2 U_k^T / ||V||_F`` (the norm of the full delta); the repor
 relative error ``||C - C_k||_F / ||C||_F`` the reference recorded at build time.
 
 Modules the reference does not hold (identical aligned and base weights, ``V = 0``) are kept: the
-official code's ``C`` is ``0 / 0`` there and ``NaN <= thr`` never selects them.
+official code's ``C`` is ``0 / 0`` there and ``NaN <= thr`` never selects them. A module whose ``B A``
+(or ``C B A``) is zero has cosine 0, as torch's eps-clamped ``cosine_similarity`` gives, and is selected.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ import numpy
 import torch
 from pydantic import BaseModel, Field
 
-from ..core.adapter import LoRAAdapter, LoRAModule, layer_index
+from ..core.adapter import LoRAAdapter, LoRAModule
 from ..core.lowrank import frob2
 from ..core.reference import AlignmentReference, ModuleSubspace
-from ..core.report import ModuleReport
-from .base import Method, MethodOutput
+from .base import Method, MethodOutput, project_modules
 
 
 class Options(BaseModel, extra="forbid"):
@@ -71,7 +71,9 @@ def cosine(sub: ModuleSubspace, mod: LoRAModule) -> float:
     projected2 = float(((m.T @ ((s2**2)[:, None] * m)) * gram_a).sum()) / norm**2
     total2 = float(frob2(b, a))
     if not (projected2 > 0.0 and total2 > 0.0):
-        return float("nan")  # the official cosine of a zero vector; never selected (NaN <= thr is False)
+        # torch's cosine_similarity (eps-clamped norms) of a zero vector is 0: the official code ranks
+        # such a module as least similar and projects it (harmless: C B A = 0 or B A = 0 already).
+        return 0.0
     return float(numpy.round(inner / (projected2 * total2) ** 0.5, 5))
 
 
@@ -86,29 +88,15 @@ def repair_modules(
     if opts.select_layers_type == "threshold":
         thr = opts.threshold
     else:
-        ordered = numpy.sort(numpy.array(list(sims.values()), dtype=numpy.float64))  # NaN sorts last
+        ordered = numpy.sort(numpy.array(list(sims.values()), dtype=numpy.float64))
         thr = float(ordered[: opts.num_proj_layers][-1]) if ordered.size else float("nan")
     chosen = {n for n, c in sims.items() if c <= thr}
-    modules: dict[str, LoRAModule] = {}
-    reports: list[ModuleReport] = []
-    for name, mod in adapter.modules.items():
-        if name in chosen:
-            cb = aligned_product(reference.modules[name], mod.lora_b).to(mod.lora_b.dtype)
-            new, action = LoRAModule(name, mod.lora_a.clone(), cb, mod.scaling), "projected"
-        else:
-            new, action = mod, "kept"
-        modules[name] = new
-        if name in sims:
-            reports.append(
-                ModuleReport(
-                    module=name,
-                    layer=layer_index(name),
-                    similarity=sims[name],
-                    action=action,
-                    rank_in=mod.rank,
-                    rank_out=new.rank,
-                )
-            )
+    modules, reports = project_modules(
+        adapter,
+        chosen,
+        sims,
+        lambda name, b: aligned_product(reference.modules[name], b).to(b.dtype),
+    )
     notes = [f"projected {len(chosen)} of {len(sims)} matched modules (cosine <= {thr:.5f})"]
     errors = [
         e

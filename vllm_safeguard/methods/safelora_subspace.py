@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field
 
-from ..core.adapter import LoRAAdapter, LoRAModule, layer_index
+from ..core.adapter import LoRAAdapter, LoRAModule
 from ..core.lowrank import frob2
 from ..core.reference import AlignmentReference
-from ..core.report import ModuleReport
-from .base import Method, MethodOutput
+from .base import Method, MethodOutput, project_modules
 
 
 class Options(BaseModel, extra="forbid"):
@@ -67,27 +67,12 @@ def repair_modules(
         chosen = {n for n, s in sims.items() if s < opts.threshold}
     else:
         chosen = set(sorted(sims, key=lambda n: sims[n])[: opts.top_k])
-    modules: dict[str, LoRAModule] = {}
-    reports: list[ModuleReport] = []
-    for name, mod in adapter.modules.items():
-        if name in chosen:
-            u = reference.modules[name].u
-            new = LoRAModule(name, mod.lora_a.clone(), u @ (u.T @ mod.lora_b), mod.scaling)
-            action = "projected"
-        else:
-            new, action = mod, "kept"
-        modules[name] = new
-        if name in sims:
-            reports.append(
-                ModuleReport(
-                    module=name,
-                    layer=layer_index(name),
-                    similarity=sims[name],
-                    action=action,
-                    rank_in=mod.rank,
-                    rank_out=new.rank,
-                )
-            )
+
+    def project_b(name: str, b: torch.Tensor) -> torch.Tensor:
+        u = reference.modules[name].u
+        return u @ (u.T @ b)
+
+    modules, reports = project_modules(adapter, chosen, sims, project_b)
     notes = [f"projected {len(chosen)} of {len(sims)} matched modules"]
     return MethodOutput(modules, reports, notes)
 

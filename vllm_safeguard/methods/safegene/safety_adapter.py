@@ -244,7 +244,7 @@ def from_trained_lora(
     rank = max(m.rank for m in lora.modules.values())
     modules: dict[str, LoRAModule] = {}
     for name, mod in lora.modules.items():
-        b, a = _pad_rank(mod.scaled_b().float(), mod.lora_a.float(), rank)
+        b, a = _pad_rank(mod.lora_b.float() * mod.scaling, mod.lora_a.float(), rank)
         modules[name] = LoRAModule(name, a, b, 1.0)
     manifest = SafetyManifest(
         rank=rank,
