@@ -547,7 +547,7 @@ def adapter_state_dict(
     return out, rank
 
 
-def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` fills a temp folder next to ``folder``; its files are fsynced, then the temp folder
     replaces ``folder`` by renames (a reader sees the old folder or the new one, never half of one)."""
     target = Path(folder)
