@@ -160,3 +160,23 @@ def test_a_zero_update_ranks_as_least_similar_as_in_the_official_code():
     res = repair(adapter, _exact_reference(deltas), "safelora", {"num_proj_layers": 1})
     actions = {r.module: r.action for r in res.report.modules}
     assert actions["model.layers.1.self_attn.q_proj"] == "projected"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cancelling_rank_components_give_the_dense_cosine(seed):
+    """Large factors whose product nearly cancels: Gram-product norms cancel catastrophically (they gave
+    cosines of 2.6); the sums-of-squares form agrees with the dense official cosine."""
+    g = torch.Generator().manual_seed(seed)
+    name = "model.layers.0.mlp.down_proj"
+    x = torch.randn(48, 2, generator=g, dtype=torch.float64) * 100
+    y = torch.randn(2, 32, generator=g, dtype=torch.float64)
+    b = torch.cat([x, x], 1) + 1e-6 * torch.randn(48, 4, generator=g, dtype=torch.float64)
+    a = torch.cat([y, -y], 0)
+    mod = LoRAModule(name, a.float(), b.float(), 1.0)
+    deltas = {name: torch.randn(48, 32, generator=g, dtype=torch.float64)}
+    adapter = LoRAAdapter({"r": 4, "lora_alpha": 4}, {name: mod})
+    _, cos = official_projected_weighted(deltas, adapter, "threshold", 0.5, 1)
+    res = repair(adapter, _exact_reference(deltas), "safelora", {"select_layers_type": "threshold"})
+    sim = res.report.modules[0].similarity
+    assert -1.0 <= sim <= 1.0
+    assert sim == pytest.approx(cos[name], abs=2e-3)

@@ -26,7 +26,7 @@ from vllm_safeguard.config import load_config
 from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
 from vllm_safeguard.core.adapter_io import save_adapter
 from vllm_safeguard.errors import CoverageError, UnrepairableError
-from vllm_safeguard.methods import safelora
+from vllm_safeguard.methods import safelora_subspace
 from vllm_safeguard.testing.workspace import Workspace
 
 NLSR = {"method": "nlsr_datafree", "method_options": {"neuron_fraction": 0.5}, "risk_threshold": 0.1}
@@ -78,7 +78,7 @@ def test_gram_rounding_below_zero_is_neither_nan_nor_complex() -> None:
     mod = LoRAModule("m", a, b, 1.0)
     norm = update_norm(mod)
     assert norm == norm and norm >= 0.0  # not NaN
-    sim = safelora.similarity(mod, torch.linalg.qr(torch.randn(48, 4))[0])
+    sim = safelora_subspace.similarity(mod, torch.linalg.qr(torch.randn(48, 4))[0])
     assert isinstance(sim, float) and 0.0 <= sim <= 1.0
 
 

@@ -10,10 +10,11 @@ Semantics (per module with alignment delta ``V = W_aligned - W_base``, LoRA fact
     for every module with cos <= thr:  B <- C @ B       # rank unchanged, A and the scaling kept
 
 Computed in low-rank form from the reference's SVD ``V = U diag(S) Vh``: ``C B = U (S^2 * (U^T B)) /
-||V||_F``, and both norms in the cosine come from ``r x r`` Gram matrices (``M = U^T B``)::
+||V||_F``, and with ``A^T = Q R`` the cosine's terms are sums of squares of ``M = U^T B R^T``
+(``k x r``)::
 
-    <C B A, B A> = sum((M^T S^2 M) * (A A^T)) / ||V||_F
-    ||C B A||^2  = sum((M^T S^4 M) * (A A^T)) / ||V||_F^2
+    <C B A, B A> = sum(S^2 M^2) / ||V||_F
+    ||C B A||^2  = sum(S^4 M^2) / ||V||_F^2,     ||B A||^2 = ||B R^T||^2
 
 so the ``out x out`` matrix ``C`` is never formed. With a reference that keeps every singular direction
 (``energy 1.0``, ``max_rank >= min(out, in)``) this is the paper's operator exactly (to float rounding;
@@ -35,7 +36,6 @@ import torch
 from pydantic import BaseModel, Field
 
 from ..core.adapter import LoRAAdapter, LoRAModule
-from ..core.lowrank import frob2
 from ..core.reference import AlignmentReference, ModuleSubspace
 from .base import Method, MethodOutput, project_modules
 
@@ -61,15 +61,21 @@ def aligned_product(sub: ModuleSubspace, b: torch.Tensor) -> torch.Tensor:
 
 
 def cosine(sub: ModuleSubspace, mod: LoRAModule) -> float:
-    """``cosine(vec(C B A), vec(B A))`` from ``r x r`` Grams, rounded to 5 places as the official code."""
-    b, a = mod.lora_b.double(), mod.lora_a.double()
-    m = sub.u.double().T @ b
+    """``cosine(vec(C B A), vec(B A))``, rounded to 5 places as the official code.
+
+    With ``A^T = Q R`` (``Q`` orthonormal) every norm of ``X A`` is that of ``X R^T``, so with
+    ``P = B R^T`` and ``M = U^T P`` (``r x r`` and ``k x r``, float64): ``<C B A, B A> = sum(s^2 M^2) /
+    ||V||``, ``||C B A||^2 = sum(s^4 M^2) / ||V||^2``, ``||B A||^2 = ||P||^2``. All three are sums of
+    squares: Gram products ``sum((M^T S^2 M) * (A A^T))`` cancel catastrophically on an update whose
+    rank components cancel (large factors, ``B A ~ 0``) and gave cosines above 1."""
+    r_t = torch.linalg.qr(mod.lora_a.double().T, mode="r")[1].T  # [r, r]
+    p = mod.lora_b.double() @ r_t  # [out, r]
+    m2 = (sub.u.double().T @ p) ** 2  # [k, r]
     s2 = sub.s.double() ** 2
-    gram_a = a @ a.T
     norm = sub.delta_norm
-    inner = float(((m.T @ (s2[:, None] * m)) * gram_a).sum()) / norm
-    projected2 = float(((m.T @ ((s2**2)[:, None] * m)) * gram_a).sum()) / norm**2
-    total2 = float(frob2(b, a))
+    inner = float((s2[:, None] * m2).sum()) / norm
+    projected2 = float(((s2**2)[:, None] * m2).sum()) / norm**2
+    total2 = float((p**2).sum())
     if not (projected2 > 0.0 and total2 > 0.0):
         # torch's cosine_similarity (eps-clamped norms) of a zero vector is 0: the official code ranks
         # such a module as least similar and projects it (harmless: C B A = 0 or B A = 0 already).
