@@ -302,7 +302,9 @@ def _markdown(
             if m.startswith("translator-") and r["adapters"] < full:
                 continue  # rows pooled over a subset of the group's adapters would not compare
             note = "; ".join(sorted({str(v) for v in r["missing"].values()}))[:160] if r["missing"] else ""
-            if m.startswith("alpha-") and r["adapters"] < full:  # the sweep runs on the first seed only
+            if m.endswith("-wrapped") and group == "benign_eval":
+                continue  # the wrapped rows are the unsafe experts' by design
+            if m.startswith("alpha-") and 0 < r["adapters"] < full:  # the sweep runs on the first seed only
                 note = f"first evaluation seed only: {r['adapters']} of {full} adapters" + (
                     f"; {note}" if note else ""
                 )
