@@ -89,7 +89,7 @@ def _lab_adapters() -> dict[str, dict[str, Any]]:
     from benchmarks.safety_lab.run import adapter_plan, adapter_role
 
     return {
-        n: {"path": f"/x/{n}", "domain": d, "variant": v, "role": adapter_role(CONFIG, s)}
+        n: {"path": f"/x/{n}", "domain": d, "variant": v, "seed": s, "role": adapter_role(CONFIG, s)}
         for n, d, v, s in adapter_plan(CONFIG)
     }
 
@@ -130,7 +130,9 @@ def test_guard_and_alpha_jobs_keep_held_out_prompts_out_of_training(tmp_path: Pa
     adapters = _lab_adapters()
     jobs = alpha_jobs(CONFIG, adapters, lambda doms: suite_for(CONFIG, data, doms), with_auto=True)
     assert all(adapters[k.split("|")[0]]["role"] == "eval" for k in jobs)  # never extraction adapters
-    evals = [n for n, a in adapters.items() if a["role"] == "eval"]
+    # the sweep is on the first evaluation seed only (LoRA-path jobs are the lab's slowest)
+    assert all(adapters[k.split("|")[0]]["seed"] == CONFIG.eval_seeds[0] for k in jobs)
+    evals = [n for n, a in adapters.items() if a["role"] == "eval" and a["seed"] == CONFIG.eval_seeds[0]]
     # alpha 0 (LoRA path, checked against the merged "no repair" row), alpha 1 and auto: every adapter
     assert {f"{n}|{m}" for n in evals for m in ("alpha-0", "alpha-1", "auto")} <= set(jobs)
     heldout = [
