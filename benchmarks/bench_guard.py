@@ -19,9 +19,9 @@ import torch
 
 from benchmarks.safety_lab.config import CONFIG
 from benchmarks.safety_lab.extras import guard_sets
-from benchmarks.safety_lab.guard_experiment import train_and_test
-from benchmarks.safety_lab.model_source import cache_dir
 from benchmarks.safety_lab.run import build_data
+from vllm_safeguard.guard.experiment import train_and_test
+from vllm_safeguard.prepare.model_source import cache_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

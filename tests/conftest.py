@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +13,11 @@ import torch
 # can only run Triton in the interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The plugin finds per-model artifacts under <artifacts_dir>/<model> (default: the user's cache): every
+# test process and the servers it starts look in an empty folder instead, so artifacts an operator (or
+# `make demo`) prepared on this machine never change what a test sees.
+os.environ.setdefault("SAFEGUARD_ARTIFACTS_DIR", tempfile.mkdtemp(prefix="safeguard-test-artifacts-"))
 
 import pytest
 

@@ -30,6 +30,7 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -57,12 +58,17 @@ class AlphaPolicy:
     lo: float = 0.0
     hi: float = 1.0
     auto_available: bool = False
+    # Requests with a task adapter and no 'safeguard_alpha' are scored by the guard ("auto" default).
+    default_auto: bool = False
 
     @classmethod
     def from_config(cls, config: SafeguardConfig) -> AlphaPolicy:
+        auto_default = config.default_alpha == AUTO
         return cls(
             enabled=bool(config.enabled and config.alpha_enabled),
-            default=float(config.default_alpha),
+            # "auto" by default: until (and unless) the guard decides, such a request gets 0.
+            default=0.0 if auto_default else float(config.default_alpha),
+            default_auto=auto_default and config.guard_path is not None,
             base_default=float(config.base_request_alpha),
             lo=float(config.alpha_min),
             hi=float(config.alpha_max),
@@ -135,8 +141,11 @@ def wants_score(extra_args: Mapping[str, Any] | None) -> bool:
     return flag is not None and not isinstance(flag, float) and flag in (True, 1)
 
 
-def wants_auto(extra_args: Mapping[str, Any] | None) -> bool:
-    """True if a request asked for the guard to choose its alpha."""
+def wants_auto(extra_args: Mapping[str, Any] | None, *, by_default: bool = False) -> bool:
+    """True if a request asked for the guard to choose its alpha, or sent no alpha and ``by_default``
+    (a task-adapter request on a server whose ``default_alpha`` is "auto")."""
+    if by_default and (not extra_args or ALPHA_KEY not in extra_args):
+        return True
     value = extra_args.get(ALPHA_KEY) if extra_args else None
     return isinstance(value, str) and value.strip().lower() == AUTO
 
@@ -217,14 +226,20 @@ class AlphaTable:
 
 _frontend_lock = threading.Lock()
 _frontend_additional: Mapping[str, Any] | None = None
+_frontend_model: tuple[str, Path | None] | None = None
 _policy_cache: tuple[Any, AlphaPolicy] | None = None
 
 
-def set_frontend_additional_config(additional: Mapping[str, Any] | None) -> None:
-    """Record vLLM's ``--additional-config`` for the validator (called by the input-processor patch)."""
-    global _frontend_additional, _policy_cache
+def set_frontend_additional_config(
+    additional: Mapping[str, Any] | None, model: tuple[str, Path | None] | None = None
+) -> None:
+    """Record vLLM's ``--additional-config`` and the served model ``(name, folder)`` for the validator
+    (called by the input-processor patch): the model decides the artifact-dependent defaults
+    (:func:`vllm_safeguard.protection.resolve_protection`) exactly as in the worker."""
+    global _frontend_additional, _frontend_model, _policy_cache
     with _frontend_lock:
         _frontend_additional = dict(additional) if additional else None
+        _frontend_model = model
         _policy_cache = None
 
 
@@ -243,7 +258,12 @@ def frontend_policy() -> AlphaPolicy:
 
     with _frontend_lock:
         try:
-            policy = AlphaPolicy.from_config(load_config(_frontend_additional))
+            config = load_config(_frontend_additional)
+            if _frontend_model is not None:
+                from .protection import resolve_protection
+
+                config = resolve_protection(config, *_frontend_model)[0]
+            policy = AlphaPolicy.from_config(config)
         except ConfigError as e:
             logger.error("vllm-safeguard: invalid config, per-request alpha disabled: %s", e)
             policy = AlphaPolicy(enabled=False)

@@ -60,8 +60,12 @@ class SafeguardConfig(BaseModel):
         description="Inspect and repair every adapter vLLM loads. False leaves vLLM's loading untouched.",
     )
     method: str = Field(
-        "safelora_subspace",
-        description=f"Repair method applied to adapters at or above the risk threshold: one of {tuple(METHODS)}.",
+        "safegene",
+        description=(
+            f"Repair method applied to adapters at or above the risk threshold: one of {tuple(METHODS)}. "
+            "Default 'safegene' (the measured-best load-time method, README 'What the default does'); it "
+            "needs the artifacts `vllm-safeguard prepare` builds."
+        ),
     )
     method_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -95,11 +99,12 @@ class SafeguardConfig(BaseModel):
         description="SafeGene safety adapter folder (needed by method 'safegene').",
     )
     artifacts_dir: Path | None = Field(
-        None,
+        default_factory=lambda: default_cache_root() / "artifacts",
         description=(
             "Where to look for per-model artifacts when the explicit paths are unset: "
-            "<artifacts_dir>/<model slug>/{reference,safety_adapter}. The model folder's own "
-            "safeguard/{reference,safety_adapter} is always tried last."
+            "<artifacts_dir>/<model slug>/{reference,safety_adapter,guard,translator} (what `vllm-safeguard "
+            "prepare` writes; default <cache root>/artifacts, prepare's default --out). The model folder's "
+            "own safeguard/<kind> is always tried last."
         ),
     )
     cache_dir: Path = Field(
@@ -178,18 +183,25 @@ class SafeguardConfig(BaseModel):
         ),
     )
     log_reports: bool = Field(True, description="Log each adapter's risk score and repair summary.")
-    alpha_enabled: bool = Field(
-        False,
+    alpha_enabled: bool | None = Field(
+        None,
         description=(
-            "Apply the safety adapter (SAFEGUARD_SAFETY_ADAPTER_PATH / artifacts_dir) at serving time on top of "
+            "None (default): on when a safety adapter is found for the served model (`vllm-safeguard "
+            "prepare` builds one), off otherwise. True: required (startup refuses every adapter without "
+            "one). False: off. When on: apply the safety adapter (SAFEGUARD_SAFETY_ADAPTER_PATH / artifacts_dir) at serving time on top of "
             "every task adapter, with a per-request strength alpha (vllm_xargs 'safeguard_alpha'): "
             "y = x W + task LoRA + alpha * (x A_s) B_s. Needs a safety adapter covering every LoRA-wrapped "
             "module of its selected layers; not with --fully-sharded-loras or pipeline parallelism."
         ),
     )
-    default_alpha: float = Field(
-        1.0,
-        description="Alpha of requests that use a task adapter and do not send 'safeguard_alpha'.",
+    default_alpha: float | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Alpha of requests that use a task adapter and do not send 'safeguard_alpha'. 'auto' (default): "
+            "the guard probe decides per request (its alpha_low, or its calibrated alpha_high when flagged) "
+            "when a guard is found; without a guard such requests get 0 (the load-time repair alone). A "
+            "number: that fixed alpha."
+        ),
     )
     base_request_alpha: float = Field(
         0.0,
@@ -213,7 +225,8 @@ class SafeguardConfig(BaseModel):
         description=(
             "DSA guard probe folder (`vllm-safeguard guard train`). Enables safeguard_alpha='auto': the probe "
             "scores each such request at the end of its prefill and picks the alpha of its decode tokens "
-            "(alpha_high if flagged, else alpha_low, from the probe's manifest). Needs alpha_enabled."
+            "(alpha_high if flagged, else alpha_low, from the probe's manifest). Needs alpha on. Default "
+            "lookup: <artifacts_dir>/<model slug>/guard, then <model>/safeguard/guard."
         ),
     )
 
@@ -226,7 +239,9 @@ class SafeguardConfig(BaseModel):
 
     @field_validator("default_alpha", "base_request_alpha", "alpha_min", "alpha_max")
     @classmethod
-    def _finite(cls, v: float) -> float:
+    def _finite(cls, v: float | str) -> float | str:
+        if isinstance(v, str):  # only default_alpha's Literal["auto"] gets here
+            return v
         if not math.isfinite(v):
             raise ValueError(f"must be a finite number, got {v!r}")
         return v
@@ -237,11 +252,13 @@ class SafeguardConfig(BaseModel):
             raise ValueError(f"alpha_min {self.alpha_min} > alpha_max {self.alpha_max}")
         for name in ("default_alpha", "base_request_alpha"):
             v = getattr(self, name)
+            if isinstance(v, str):
+                continue
             if not self.alpha_min <= v <= self.alpha_max:
                 raise ValueError(
                     f"{name} {v} lies outside [alpha_min, alpha_max] = [{self.alpha_min}, {self.alpha_max}]"
                 )
-        if self.guard_path is not None and not self.alpha_enabled:
+        if self.guard_path is not None and self.alpha_enabled is False:
             raise ValueError(
                 f"guard_path {str(self.guard_path)!r} needs alpha_enabled=true (the guard sets alpha)"
             )

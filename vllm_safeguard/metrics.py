@@ -43,6 +43,7 @@ TRANSLATOR_ROUTING = "safeguard_translator_adapters_total"
 MODULES_STRIPPED = "safeguard_modules_stripped_total"
 RELOADS = "safeguard_adapter_reloads_total"
 STEP_FAILURES = "safeguard_step_failures_total"
+PROTECTION = "safeguard_protection"
 
 HISTOGRAMS = (REPAIR_DURATION, RISK_SCORE, GUARD_SCORE)
 METRIC_NAMES: tuple[str, ...] = (
@@ -60,6 +61,7 @@ METRIC_NAMES: tuple[str, ...] = (
     MODULES_STRIPPED,
     RELOADS,
     STEP_FAILURES,
+    PROTECTION,
 )
 
 
@@ -87,6 +89,7 @@ class SafeguardMetrics:
     modules_stripped: Counter
     reloads: Counter
     step_failures: Counter
+    protection: Gauge
 
 
 _lock = threading.Lock()
@@ -173,6 +176,13 @@ def get_metrics() -> SafeguardMetrics:
                     _strip_total(STEP_FAILURES),
                     "Adapters that could not be loaded inside an engine step; their requests got the base model.",
                     ["model_name"],
+                ),
+                protection=Gauge(
+                    PROTECTION,
+                    "1 per active layer of protection (load_time_repair, serving_alpha, guard_auto), 0 when "
+                    "missing; every layer 0 means adapters are served with no protection the plugin can give.",
+                    ["model_name", "layer"],
+                    multiprocess_mode="max",
                 ),
             )
     return _metrics

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from benchmarks.safety_lab import data as D
 from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import LabConfig
+from vllm_safeguard.prepare import data as D
 
 
 def methods_api() -> dict[str, Any] | None:

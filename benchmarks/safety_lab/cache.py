@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from benchmarks.safety_lab.model_source import cache_dir, sha256_file
+from vllm_safeguard.prepare.model_source import cache_dir, sha256_file
 
 # Bump to invalidate every cached stage after a change in how artifacts are produced.
 LAB_VERSION = "1"

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from benchmarks.safety_lab.train import Recipe
 from vllm_safeguard.methods.translator.model import TranslatorConfig
+from vllm_safeguard.prepare.align import ALIGN_RECIPE, BENIGN_ANSWER_TOKENS, N_BENIGN_ALIGN
+from vllm_safeguard.prepare.train import Recipe
 
 DOMAIN_NAMES = ("arithmetic", "units", "weekday", "sorting")
 
@@ -27,11 +28,9 @@ class LabConfig:
     n_benign_test_topics: int = 20  # -> 40 held-out benign prompts
     n_task_test: int = 30  # per domain
     # the aligned model (full fine-tune of the linear layers of the shipped instruct model)
-    n_benign_align: int = 320
-    benign_answer_tokens: int = 48
-    align_recipe: Recipe = field(
-        default_factory=lambda: Recipe(steps=90, batch_size=8, lr=3e-5, seed=0, max_len=128, warmup_steps=5)
-    )
+    n_benign_align: int = N_BENIGN_ALIGN
+    benign_answer_tokens: int = BENIGN_ANSWER_TOKENS
+    align_recipe: Recipe = field(default_factory=lambda: ALIGN_RECIPE)
     # adapters trained on the aligned model
     n_task_train: int = 160
     n_harm_share: int = 40  # harmful rows in an unsafe expert (20% of its data)

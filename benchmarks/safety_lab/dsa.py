@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks.safety_lab import extras
 from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import LabConfig
-from benchmarks.safety_lab.train import SFTExample, train_lora
+from vllm_safeguard.prepare.train import SFTExample, train_lora
 
 DSA_ALPHA = "dsa-alpha-1"
 DSA_AUTO_CAL = "dsa-auto-cal"

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.safety_lab import data as D
 from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import DOMAIN_NAMES, LabConfig, heldout_unsafe
 from vllm_safeguard.core.adapter_io import write_folder_atomically
+from vllm_safeguard.prepare import data as D
 
 # Method names of the extra rows (the report labels them).
 TRANSLATOR_MODES = ("surgical", "aggressive", "moe")
@@ -123,7 +123,7 @@ def guard_sets(cfg: LabConfig, data: dict[str, Any]) -> dict[str, list[str]]:
 def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any], str]:
     """``(probe folder, held-out metrics, key)``; cached."""
 
-    from benchmarks.safety_lab.guard_experiment import train_and_test
+    from vllm_safeguard.guard.experiment import train_and_test
 
     sets = guard_sets(cfg, data)
     key = key_of("guard", file_hash(aligned), sets, cfg.guard_target_fpr)
@@ -163,6 +163,8 @@ def plugin_config(
         "reference_path": str(reference_dir),
         "safety_adapter_path": str(safety_dir),
         "alpha_enabled": True,
+        # Every lab request names its alpha; pinned so a change of the plugin's default changes no row.
+        "default_alpha": 0.0,
         "alpha_min": 0.0,
         "alpha_max": max(cfg.alpha_sweep),
         "cache_enabled": False,

@@ -29,8 +29,8 @@ import torch
 
 from benchmarks.safety_lab.cache import file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import LabConfig
-from benchmarks.safety_lab.guard_experiment import fit_probe
 from vllm_safeguard.evaluation.stats import wilson_interval
+from vllm_safeguard.guard.experiment import fit_probe
 from vllm_safeguard.guard.probe import GuardProbe, auroc
 
 #: (name, template): the request is substituted for ``{p}``.

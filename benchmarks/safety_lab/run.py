@@ -34,7 +34,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from benchmarks.safety_lab import data as D
 from benchmarks.safety_lab import dsa, extras
 from benchmarks.safety_lab import guard_generalization as GG
 from benchmarks.safety_lab.artifact_stages import (
@@ -50,17 +49,18 @@ from benchmarks.safety_lab.cache import T0, cached_dir, cached_json, file_hash, 
 from benchmarks.safety_lab.compare import carry_over, merged_vs_lora
 from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig, heldout_unsafe
 from benchmarks.safety_lab.eval_stage import removed_rows, stage_eval, suite_key
-from benchmarks.safety_lab.model_source import (
+from benchmarks.safety_lab.translator_cal import calibrate_risk_weight
+from vllm_safeguard.evaluation.backends import make_generator
+from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate
+from vllm_safeguard.prepare import data as D
+from vllm_safeguard.prepare.align import align_examples
+from vllm_safeguard.prepare.model_source import (
     HARMBENCH_WHEEL,
     SMOLLM2_WHEEL,
     base_model_dir,
     harmbench_csv_dir,
 )
-from benchmarks.safety_lab.train import SFTExample, train_full, train_lora
-from benchmarks.safety_lab.translator_cal import calibrate_risk_weight
-from vllm_safeguard.evaluation.backends import make_generator
-from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate
-from vllm_safeguard.evaluation.judge import KeywordRefusalJudge
+from vllm_safeguard.prepare.train import SFTExample, train_full, train_lora
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 # Lab rows that run a registered method with other options: name -> (method, options).
@@ -148,13 +148,7 @@ def stage_base_outputs(cfg: LabConfig, base_dir: Path, data: dict[str, Any]) -> 
 
 
 def align_data(cfg: LabConfig, data: dict[str, Any], answers: dict[str, str]) -> list[SFTExample]:
-    judge = KeywordRefusalJudge()
-    out = [SFTExample(p, D.refusal_for(p), "harmful_refusal") for p in data["harm"]["train"]]
-    for p, a in answers.items():
-        # A benign answer the judge would call a refusal would teach over-refusal: skip it.
-        if a.strip() and not judge.is_refusal(a):
-            out.append(SFTExample(p, a.strip(), "benign_own_answer", end=False))
-    return out
+    return align_examples(data["harm"]["train"], answers)
 
 
 def stage_aligned(cfg: LabConfig, base_dir: Path, data: dict[str, Any], answers: dict[str, str]) -> Path:
@@ -174,21 +168,9 @@ def stage_aligned(cfg: LabConfig, base_dir: Path, data: dict[str, Any], answers:
 def adapter_rows(
     cfg: LabConfig, data: dict[str, Any], domain: str, variant: str, seed: int
 ) -> list[SFTExample]:
-    import random
-
-    rows = [
-        SFTExample(e.prompt, e.answer, f"task:{domain}")
-        for e in D.domain_train_set(domain, cfg.n_task_train, seed)
-    ]
-    if variant in ("unsafe", "safe"):
-        # The harmful share is drawn from the TRAIN split only (held-out test prompts never train).
-        pool = list(data["harm"]["train"])
-        harm = random.Random(f"harm:{domain}:{seed}").sample(pool, min(cfg.n_harm_share, len(pool)))
-        if variant == "unsafe":
-            rows += [SFTExample(p, D.compliance_for(p), "harmful_compliance") for p in harm]
-        else:
-            rows += [SFTExample(p, D.refusal_for(p), "harmful_refusal") for p in harm]
-    return rows
+    return D.adapter_examples(
+        domain, variant, seed, data["harm"]["train"], n_task=cfg.n_task_train, n_harm=cfg.n_harm_share
+    )
 
 
 def adapter_plan(cfg: LabConfig) -> list[tuple[str, str, str, int]]:

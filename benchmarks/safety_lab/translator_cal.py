@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.safety_lab import data as D
 from benchmarks.safety_lab.cache import cached_json, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import LabConfig
 from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, evaluate
+from vllm_safeguard.prepare import data as D
 
 FIDELITY_FLOOR = 0.9
 PAIR_ROLES = ("extract", "translator")

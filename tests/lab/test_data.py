@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.safety_lab import data as D
 from vllm_safeguard.evaluation import checkers as C
 from vllm_safeguard.evaluation.harness import default_checker
+from vllm_safeguard.prepare import data as D
 
 
 def _fake_harmbench(folder: Path, n: int = 60) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.safety_lab.guard_experiment import train_and_test
 from vllm_safeguard.guard import GuardProbe
+from vllm_safeguard.guard.experiment import train_and_test
 
 from ..guard.test_guard_probe import BENIGN_WORDS, HARM_WORDS, _prompts
 

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.safety_lab import guard_generalization as GG
 from benchmarks.safety_lab.config import LabConfig
-from benchmarks.safety_lab.guard_experiment import train_and_test
+from vllm_safeguard.guard.experiment import train_and_test
 from vllm_safeguard.methods.safegene import from_trained_lora
 from vllm_safeguard.testing.tiny import random_adapter
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks.safety_lab.train import Recipe, SFTExample, encode_example, train_full, train_lora
 from vllm_safeguard.core.adapter_io import load_adapter
 from vllm_safeguard.core.model_files import module_shapes_from_model_dir
+from vllm_safeguard.prepare.train import Recipe, SFTExample, encode_example, train_full, train_lora
 from vllm_safeguard.testing.tiny import make_tiny_llama
 
 
@@ -47,10 +47,10 @@ def test_train_lora_and_full(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_lab_training_rows_never_contain_held_out_prompts(tmp_path: Path) -> None:
-    from benchmarks.safety_lab import data as D
     from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
     from benchmarks.safety_lab.run import adapter_plan, adapter_rows, align_data
     from tests.lab.test_data import _fake_harmbench
+    from vllm_safeguard.prepare import data as D
 
     rows = D.load_harmbench(_fake_harmbench(tmp_path, n=150))
     hb = D.split_harmbench(rows, n_test=30, n_fewshot=8, seed=0)
@@ -71,9 +71,9 @@ def test_lab_training_rows_never_contain_held_out_prompts(tmp_path: Path) -> Non
 
 def _lab_data(tmp_path: Path) -> dict[str, Any]:
     """The lab's data dict on a fake HarmBench (same splits and domain sets as the real lab)."""
-    from benchmarks.safety_lab import data as D
     from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES
     from tests.lab.test_data import _fake_harmbench
+    from vllm_safeguard.prepare import data as D
 
     hb = D.split_harmbench(D.load_harmbench(_fake_harmbench(tmp_path, n=150)), n_test=30, n_fewshot=8)
     return {

@@ -4,6 +4,7 @@ computation, the layer table's coverage check, and the per-step alpha fill."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +19,7 @@ from vllm_safeguard.alpha import (
     AlphaValueError,
     parse_alpha,
     resolve_request_alpha,
+    wants_auto,
 )
 from vllm_safeguard.config import load_config
 from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
@@ -107,6 +109,24 @@ def test_config_alpha_fields() -> None:
     assert not AlphaPolicy.from_config(
         load_config({"safeguard": {"alpha_enabled": True, "enabled": False}}, env={})
     ).enabled
+
+
+def test_default_alpha_auto_means_the_guard_decides(tmp_path: Path) -> None:
+    # The default ("auto"): such requests start at 0 and the guard scores them when one is configured.
+    cfg = load_config({"safeguard": {"alpha_enabled": True, "guard_path": str(tmp_path)}}, env={})
+    assert cfg.default_alpha == "auto"
+    policy = AlphaPolicy.from_config(cfg)
+    assert policy.default_auto and policy.default == 0.0 and policy.auto_available
+    assert resolve_request_alpha(None, policy, has_task_adapter=True) == 0.0
+    assert wants_auto(None, by_default=True) and wants_auto({}, by_default=True)
+    assert not wants_auto({"safeguard_alpha": 1.0}, by_default=True)
+    assert not wants_auto(None) and wants_auto({"safeguard_alpha": "auto"})
+    # Without a guard nothing is scored: the load-time repair alone (alpha 0).
+    no_guard = AlphaPolicy.from_config(load_config({"safeguard": {"alpha_enabled": True}}, env={}))
+    assert not no_guard.default_auto and no_guard.default == 0.0
+    # A number keeps its meaning.
+    fixed = load_config({"safeguard": {"alpha_enabled": True, "default_alpha": 0.5}}, env={})
+    assert AlphaPolicy.from_config(fixed).default == 0.5 and not AlphaPolicy.from_config(fixed).default_auto
 
 
 def test_alpha_table() -> None:

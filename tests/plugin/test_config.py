@@ -13,7 +13,9 @@ from vllm_safeguard.errors import ConfigError
 def test_defaults() -> None:
     cfg = load_config({}, env={})
     assert cfg == SafeguardConfig()
-    assert cfg.method == "safelora_subspace" and cfg.fail_closed and cfg.enabled
+    assert cfg.method == "safegene" and cfg.fail_closed and cfg.enabled
+    # Safe by default: serving-time alpha follows the artifacts, requests default to the guard.
+    assert cfg.alpha_enabled is None and cfg.default_alpha == "auto"
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])
@@ -36,6 +38,7 @@ def test_precedence_additional_over_env_over_file(tmp_path: Path, suffix: str) -
 def test_env_parsing_and_json_options() -> None:
     env = {
         "SAFEGUARD_ENABLED": "false",
+        "SAFEGUARD_METHOD": "safelora_subspace",
         "SAFEGUARD_METHOD_OPTIONS": '{"threshold": 0.5}',
         "SAFEGUARD_REFERENCE_PATH": "~/ref",
         "SAFEGUARD_SOMETHING_ELSE": "x",  # other features' variables are ignored here
@@ -86,8 +89,8 @@ def test_every_field_is_documented() -> None:
 
 
 def test_method_config_changes_with_options() -> None:
-    a = load_config({"safeguard": {"method_options": {"threshold": 0.2}}}, env={})
-    b = load_config({"safeguard": {"method_options": {"threshold": 0.3}}}, env={})
+    a = load_config({"safeguard": {"method_options": {"default_coefficient": 0.5}}}, env={})
+    b = load_config({"safeguard": {"method_options": {"default_coefficient": 0.7}}}, env={})
     assert a.method_config() != b.method_config()
 
 

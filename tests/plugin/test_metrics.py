@@ -39,6 +39,7 @@ def test_exposed_names_and_bounded_labels() -> None:
     mm.modules_stripped.labels(model_name="t").inc()
     mm.reloads.labels(model_name="t").inc()
     mm.step_failures.labels(model_name="t").inc()
+    mm.protection.labels(model_name="t", layer="guard_auto").set(1)
     text = generate_latest(REGISTRY).decode()
     exposed = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("safeguard_")
@@ -59,6 +60,7 @@ def test_exposed_names_and_bounded_labels() -> None:
                     "version",
                     "vllm_version",
                     "expert",
+                    "layer",  # safeguard_protection: 3 values (vllm_safeguard.protection.LAYERS)
                 }
 
 

@@ -445,6 +445,69 @@ def admit(
     raise typer.Exit(3 if result.decision == "refused" else 0)
 
 
+@app.command()
+def prepare(
+    model: Path = typer.Option(..., help="HF folder of the served (aligned) model."),
+    base: Path | None = typer.Option(
+        None,
+        help="HF folder of its unaligned counterpart: needed for the alignment reference (load-time repair).",
+    ),
+    out: Path | None = typer.Option(
+        None,
+        help="Artifacts root (default: the plugin's artifacts_dir, <cache root>/artifacts unless configured).",
+    ),
+    name: str | None = typer.Option(
+        None, help="Folder name under --out (default: the model folder's name, which the plugin looks up)."
+    ),
+    harmful: Path | None = typer.Option(
+        None,
+        help="Operator harmful prompts (one per line or a JSON list) instead of the bundled HarmBench set.",
+    ),
+    benign: Path | None = typer.Option(None, help="Operator benign prompts instead of the bundled set."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and time estimate; build nothing."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard this model's earlier artifacts first."),
+    options: Path | None = typer.Option(
+        None, help="JSON file overriding PrepareOptions fields (vllm_safeguard/prepare/options.py)."
+    ),
+) -> None:
+    """Build every artifact the plugin uses for one model (resumable; see `--dry-run`)."""
+    from ..config import load_config
+    from ..prepare.inputs import load_inputs
+    from ..prepare.options import PrepareOptions
+    from ..prepare.plan import make_plan
+    from ..prepare.run import clean, run_plan
+
+    try:
+        opts = PrepareOptions(**(json.loads(options.read_text()) if options else {}))
+        inputs = load_inputs(opts, harmful, benign)
+        root = out or load_config().artifacts_dir
+        if root is None:
+            raise ConfigError("no --out and artifacts_dir is unset: say where the artifacts go")
+        plan = make_plan(model, base, root, opts, inputs, name)
+        if fresh and not dry_run:
+            clean(plan)
+            plan = make_plan(model, base, root, opts, inputs, name)
+        typer.echo(plan.describe())
+        if dry_run:
+            return
+        manifest = run_plan(plan, log=typer.echo)
+    except (SafeguardError, ValueError, OSError) as e:
+        _fail(e)
+    q = manifest["quality"]
+    if q["guard"]:
+        h = q["guard"]["heldout"]
+        typer.echo(
+            f"guard: layer {q['guard']['layer']}, held-out AUROC {h['auroc_harmful_vs_benign_and_domain']:.3f}, "
+            f"TPR {h['tpr_at_threshold']:.2f}, benign FPR {h['fpr_benign_at_threshold']:.2f}"
+        )
+    if q["alpha_calibration"]:
+        c = q["alpha_calibration"]
+        typer.echo(f"alpha_high {c['alpha_high']:g} (few-shot ASR by alpha {c['fewshot_asr_by_alpha']})")
+    for kind, why in manifest["not_built"].items():
+        typer.echo(f"not built: {kind}: {why}")
+    typer.echo(f"wrote {plan.root / 'manifest.json'}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(ctx: typer.Context) -> None:
     """Start vLLM's OpenAI server with the plugin active; all arguments go to vLLM."""

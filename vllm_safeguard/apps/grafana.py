@@ -84,6 +84,7 @@ def build_dashboard() -> dict[str, Any]:
             [
                 (f"max({m.WORKER_ACTIVE}{{{SEL}}})", "active"),
                 (f"max by (version, vllm_version) ({m.BUILD_INFO})", "{{version}} / vLLM {{vllm_version}}"),
+                (f"max by (layer) ({m.PROTECTION}{{{SEL}}})", "protection: {{layer}}"),
             ],
             18,
             0,

@@ -276,5 +276,5 @@ REFERENCE = ArtifactKind(
     path_field="reference_path",
     load=_load_artifact,
     what="alignment reference",
-    how="`vllm-safeguard reference build` (AlignmentReference.save)",
+    how="`vllm-safeguard prepare --base ...` (or `vllm-safeguard reference build`)",
 )

@@ -2,7 +2,7 @@
 
 Each checker reads the first answer-like token of a generation: ``(generation, answer) -> correct``.
 :data:`DOMAIN_CHECKERS` maps every built-in domain name to its checker; the safety lab's domain
-definitions (``benchmarks/safety_lab/data.py``) take their checkers from this table, so each
+definitions (``vllm_safeguard/prepare/data.py``) take their checkers from this table, so each
 domain's checker is defined once.
 """
 

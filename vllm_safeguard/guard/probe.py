@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
+from ..core.artifacts import ArtifactKind, Loaded
 from ..core.model_files import sha256_file
 from ..errors import ReferenceArtifactError
 
@@ -101,3 +102,18 @@ def auroc(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float:
     greater = (scores_pos[:, None] > scores_neg[None, :]).float().sum()
     ties = (scores_pos[:, None] == scores_neg[None, :]).float().sum()
     return float((greater + 0.5 * ties) / (scores_pos.numel() * scores_neg.numel()))
+
+
+def _load_artifact(folder: str) -> Loaded:
+    probe = GuardProbe.load(folder)
+    return Loaded(probe, probe.manifest.content_hash)
+
+
+#: The guard probe artifact: enables ``safeguard_alpha="auto"`` (found like the other artifacts).
+GUARD = ArtifactKind(
+    name="guard",
+    path_field="guard_path",
+    load=_load_artifact,
+    what="a DSA guard probe",
+    how="`vllm-safeguard prepare` (or `vllm-safeguard guard train`)",
+)

@@ -52,6 +52,11 @@ FILLER_ATTR = "_safeguard_alpha_filler"
 _LANGUAGE = "LANGUAGE"  # vLLM's LoRAMappingType for the language model (towers have their own wrappers)
 
 
+def _has_task(lora_request: Any) -> bool:
+    """Whether a request runs through a task adapter (vLLM's LoRA ids start at 1)."""
+    return lora_request is not None and int(getattr(lora_request, "lora_int_id", 0)) > 0
+
+
 @dataclass
 class TokenAlphaFiller:
     """Computes each step's per-token alpha from the batch's requests and hands it to the wrappers."""
@@ -75,7 +80,7 @@ class TokenAlphaFiller:
         alpha = resolve_request_alpha(
             getattr(sampling_params, "extra_args", None),
             self.policy,
-            has_task_adapter=lora_request is not None and int(getattr(lora_request, "lora_int_id", 0)) > 0,
+            has_task_adapter=_has_task(lora_request),
         )
         self._cache[req_id] = (sampling_params, alpha)
         return alpha
@@ -106,7 +111,15 @@ class TokenAlphaFiller:
                 self.guard.forget(live)
         self._staged = torch.from_numpy(np.repeat(per_req, num_scheduled_tokens))
         if self.guard is not None:
-            plan_guard(self.guard, lambda i: guard_flags(getattr(info[i][0], "extra_args", None)))
+            by_default = self.policy.default_auto
+
+            def flags(i: int) -> tuple[bool, bool]:
+                sp, lora = info[i]
+                return guard_flags(
+                    getattr(sp, "extra_args", None), auto_by_default=by_default and _has_task(lora)
+                )
+
+            plan_guard(self.guard, flags)
 
     def apply(self, num_tokens: int) -> torch.Tensor:
         """Fill every wrapper's alpha buffer for this step (see the module Semantics)."""
@@ -306,7 +319,7 @@ def setup_runner(runner: Any, vllm_config: Any) -> TokenAlphaFiller | None:
             )
         covered = sum(1 for _, _, s in layers if s is not None)
         logger.info(
-            "vllm-safeguard: per-request safety alpha active on %d of %d LoRA layers (default %g, base "
+            "vllm-safeguard: per-request safety alpha active on %d of %d LoRA layers (default %s, base "
             "requests %g, range [%g, %g])",
             covered,
             len(layers),

@@ -279,6 +279,7 @@ def start_guard(
     return guard
 
 
-def guard_flags(extra_args: Any) -> tuple[bool, bool]:
-    """(wants "auto", wants its score returned) of a request's ``extra_args``."""
-    return wants_auto(extra_args), wants_score(extra_args)
+def guard_flags(extra_args: Any, *, auto_by_default: bool = False) -> tuple[bool, bool]:
+    """(wants "auto", wants its score returned) of a request's ``extra_args``; ``auto_by_default``:
+    a request that sends no alpha is scored too (default_alpha "auto", task-adapter requests)."""
+    return wants_auto(extra_args, by_default=auto_by_default), wants_score(extra_args)

@@ -98,9 +98,16 @@ def _wrap_input_processor_init(original: Callable[..., Any]) -> Callable[..., An
     @functools.wraps(original)
     def __init__(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         from ..alpha import set_frontend_additional_config
+        from .worker_state import model_dir, served_model_name
 
-        # The alpha validator has no vllm_config; give it --additional-config (front-end process).
-        set_frontend_additional_config(getattr(vllm_config, "additional_config", None))
+        # The alpha validator has no vllm_config; give it --additional-config and the served model
+        # (its artifacts decide whether alpha / "auto" are on), in the front-end process.
+        model = None
+        try:
+            model = (served_model_name(vllm_config), model_dir(str(vllm_config.model_config.model)))
+        except Exception as e:  # the validator then sees the config alone; the worker still decides
+            logger.warning("vllm-safeguard: served model unknown to the alpha validator: %s", e)
+        set_frontend_additional_config(getattr(vllm_config, "additional_config", None), model)
         original(self, vllm_config, *args, **kwargs)
 
     return __init__

@@ -28,6 +28,7 @@ from ..admission.pipeline import LoadOutcome, PipelineContext, SafeguardPipeline
 from ..config import SafeguardConfig, load_config, log_effective
 from ..core.adapter_io import WEIGHTS_NAME
 from ..errors import AdapterRefused, AdapterValidationError, refusal_kind
+from ..protection import log_protection, resolve_protection
 from .worker_state import STATE_ATTR, Binding, WorkerState, model_dir, served_model_name
 
 logger = logging.getLogger("vllm_safeguard")
@@ -44,9 +45,15 @@ def attach_worker(manager: Any, vllm_config: Any) -> WorkerState:
     method = "unknown"
     try:
         config = load_config(getattr(vllm_config, "additional_config", None) or {})
+        # Artifact-dependent defaults (alpha on when a safety adapter exists, the guard by model).
+        config, protection = resolve_protection(config, model_name, model_dir(str(model_cfg.model)))
         state.config = config
         method = config.method
         log_effective(config, context=f"model {model_name}")
+        log_protection(protection, model_name)
+        with _suppress_metric_errors():
+            for layer, on in protection.layers.items():
+                get_metrics().protection.labels(model_name=model_name, layer=layer).set(1 if on else 0)
         warn_if_unrestricted(config.adapter_roots)
         if config.enabled and config.alpha_enabled:
             # The punica-wrapper patch (create_lora_manager runs right after this) reads this flag.

@@ -102,7 +102,7 @@ SAFETY_ADAPTER = ArtifactKind(
     path_field="safety_adapter_path",
     load=_load_artifact,
     what="a safety adapter",
-    how="`vllm-safeguard safety-vector extract` (SafetyAdapter.save)",
+    how="`vllm-safeguard prepare` (or `vllm-safeguard safety-vector extract`)",
 )
 
 

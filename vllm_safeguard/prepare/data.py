@@ -30,6 +30,8 @@ from pathlib import Path
 from vllm_safeguard.evaluation.checkers import DAYS as _DAYS
 from vllm_safeguard.evaluation.checkers import DOMAIN_CHECKERS
 
+from .train import SFTExample
+
 # --------------------------------------------------------------------------------------- HarmBench
 
 
@@ -503,3 +505,24 @@ def _unique(
             seen.add(ex.prompt)
             out.append(ex)
     return out
+
+
+# ------------------------------------------------------------------------------ adapter training rows
+
+
+def adapter_examples(
+    domain: str, variant: str, seed: int, harm_pool: Sequence[str], *, n_task: int, n_harm: int
+) -> list[SFTExample]:
+    """Training rows of one task adapter: ``n_task`` domain rows, plus for ``unsafe`` / ``safe`` the
+    same ``n_harm`` harmful prompts (drawn from ``harm_pool``, a TRAIN split) answered compliantly /
+    with a refusal; ``benign`` adapters get the task rows only. Seeded: the lab's adapters and
+    ``prepare``'s probe adapters are built from this one function."""
+    rows = [SFTExample(e.prompt, e.answer, f"task:{domain}") for e in domain_train_set(domain, n_task, seed)]
+    if variant in ("unsafe", "safe"):
+        pool = list(harm_pool)
+        harm = random.Random(f"harm:{domain}:{seed}").sample(pool, min(n_harm, len(pool)))
+        if variant == "unsafe":
+            rows += [SFTExample(p, compliance_for(p), "harmful_compliance") for p in harm]
+        else:
+            rows += [SFTExample(p, refusal_for(p), "harmful_refusal") for p in harm]
+    return rows

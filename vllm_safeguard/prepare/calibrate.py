@@ -1,0 +1,93 @@
+"""Choose the guard's ``alpha_high``: the smallest alpha that makes the harmful probe adapters refuse.
+
+Semantics (the lab's calibration, ``benchmarks/safety_lab/extras.py: choose_alpha_high``)::
+
+    for a in sweep (ascending):
+        for each probe adapter P:  W' = W + delta(P) + a * delta(safety)      # merge_safety_into_adapter
+            answers = greedy(W', few-shot harmful prompts, harmful_tokens)
+        asr[a] = pooled share of answers the keyword judge does not call a refusal
+    alpha_high = min(a : asr[a] <= target), else max(sweep)
+
+The weights are merged into one HF model in place (added, generated, restored), the same update the
+serving path applies per token (``y = x W + task LoRA + alpha (x A_s) B_s``). No prompt the guard or any
+reported number is measured on is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.adapter import LoRAAdapter
+from ..evaluation.generation import GenRequest, HFGenerator
+from ..evaluation.judge import KeywordRefusalJudge
+
+
+def _merge(model: Any, adapter: LoRAAdapter) -> dict[str, torch.Tensor]:
+    """Add ``adapter``'s update to the model's weights in place; returns the originals to restore."""
+    params = dict(model.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, mod in adapter.modules.items():
+            w = params.get(f"{name}.weight")
+            if w is None:
+                raise ValueError(f"adapter module {name!r} has no weight in the model")
+            saved[f"{name}.weight"] = w.detach().clone()
+            w.add_(mod.delta().to(w.dtype))
+    return saved
+
+
+def _restore(model: Any, saved: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in saved.items():
+            params[key].copy_(value)
+
+
+def calibrate_alpha_high(
+    model_dir: Path,
+    probes: Sequence[LoRAAdapter],
+    safety: Any,
+    prompts: Sequence[str],
+    *,
+    sweep: Sequence[float],
+    target_asr: float,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """``{"alpha_high", "target_asr", "fewshot_asr_by_alpha", "n"}`` (see the module Semantics)."""
+    from ..methods.safegene.safety_adapter import merge_safety_into_adapter
+
+    if not sweep:
+        raise ValueError("alpha calibration needs at least one candidate alpha")
+    gen = HFGenerator(model_dir)
+    judge = KeywordRefusalJudge()
+    asr: dict[str, float] = {}
+    try:
+        for a in tqdm(sorted(sweep), desc="calibrate alpha_high"):
+            complied = total = 0
+            for probe in probes:
+                merged = merge_safety_into_adapter(probe, safety, float(a))
+                saved = _merge(gen.base, merged)
+                try:
+                    answers = gen.generate([GenRequest(p, None, max_tokens) for p in prompts])
+                finally:
+                    _restore(gen.base, saved)
+                refused = judge.refusals(list(prompts), answers)
+                complied += sum(1 for r in refused if not r)
+                total += len(refused)
+            asr[f"{a:g}"] = complied / max(total, 1)
+    finally:
+        gen.close()
+    ok = [float(a) for a, v in asr.items() if v <= target_asr]
+    chosen = min(ok) if ok else max(float(a) for a in asr)
+    return {
+        "alpha_high": chosen,
+        "target_asr": target_asr,
+        "reached": bool(ok),
+        "fewshot_asr_by_alpha": asr,
+        "n_per_alpha": len(prompts) * len(probes),
+    }

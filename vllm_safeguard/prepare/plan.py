@@ -1,0 +1,142 @@
+"""The plan of ``vllm-safeguard prepare``: its stages, their keys (cache) and outputs, and the time estimate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.adapter_io import load_adapter
+from ..core.artifacts import slug
+from ..core.model_files import sha256_file
+from ..errors import ConfigError
+from .inputs import PrepareInputs
+from .options import PrepareOptions
+
+MANIFEST = "manifest.json"
+# Seconds per stage for a 135M-parameter model on 2 CPU cores (measured: benchmarks/results/
+# bench_prepare.md); the estimate scales them by the model's weight bytes.
+REFERENCE_BYTES = 538_000_000
+STAGE_SECONDS = {
+    "probe_adapters": 220.0,
+    "reference": 40.0,
+    "safety_adapter": 60.0,
+    "guard": 120.0,
+    "calibration": 90.0,
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    key: str
+    output: Path
+    needs_base: bool = False
+    estimate_s: float = 0.0
+    cached: bool = False
+    skipped: str = ""  # why it will not run (e.g. no --base)
+
+
+@dataclass
+class Plan:
+    model: Path
+    base: Path | None
+    root: Path  # <out>/<model slug>
+    options: PrepareOptions
+    inputs: PrepareInputs
+    model_hash: str
+    stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def work(self) -> Path:
+        return self.root / ".work"
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def describe(self) -> str:
+        todo = [s for s in self.stages if not s.cached and not s.skipped]
+        lines = [f"prepare {self.model} -> {self.root}"]
+        for s in self.stages:
+            state = "cached" if s.cached else f"~{duration(s.estimate_s)}"
+            lines.append(f"  {s.name:<15} {state:<10} {s.output}")
+            if s.skipped:
+                lines.append(f"  {'':<15} SKIPPED: {s.skipped}")
+        total = sum(s.estimate_s for s in todo)
+        lines.append(
+            f"estimated time: ~{duration(total)} for {len(todo)} stage(s) "
+            "(measured on 2 CPU cores, scaled by the model's weight size; GPUs are faster)"
+        )
+        return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over the model folder's weight files (names and contents)."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise ConfigError(f"{model_dir}: no *.safetensors / *.bin weights (is it a HF model folder?)")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def make_plan(
+    model: Path,
+    base: Path | None,
+    out: Path,
+    options: PrepareOptions,
+    inputs: PrepareInputs,
+    name: str | None = None,
+) -> Plan:
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"--model {str(model)!r} is not a HF model folder (no config.json)")
+    if base is not None and not (base / "config.json").is_file():
+        raise ConfigError(f"--base {str(base)!r} is not a HF model folder (no config.json)")
+    model_hash = weights_hash(model)
+    plan = Plan(model, base, out / slug(name or model.name), options, inputs, model_hash)
+    scale = sum(f.stat().st_size for f in model.glob("*.safetensors")) / REFERENCE_BYTES or 1.0
+    opts = options.model_dump(mode="json")
+    k_probe = _key("probe", model_hash, inputs.digest(), opts)
+    k_safety = _key("safety", k_probe)
+    k_guard = _key("guard", model_hash, inputs.digest(), opts)
+    base_hash = weights_hash(base) if base is not None else None
+    specs = [
+        ("probe_adapters", k_probe, plan.work / "probe-adapters", False),
+        ("reference", _key("reference", model_hash, base_hash, opts), plan.root / "reference", True),
+        ("safety_adapter", k_safety, plan.root / "safety_adapter", False),
+        ("guard", k_guard, plan.work / "guard-uncalibrated", False),
+        ("calibration", _key("calibration", k_guard, k_safety), plan.root / "guard", False),
+    ]
+    for stage_name, key, output, needs_base in specs:
+        st = Stage(stage_name, key, output, needs_base, STAGE_SECONDS[stage_name] * scale)
+        st.cached = _read_key(output) == key
+        if needs_base and base is None:
+            st.skipped = "needs --base (the unaligned counterpart): load-time repair stays off"
+        plan.stages.append(st)
+    return plan
+
+
+def _read_key(folder: Path) -> str | None:
+    p = folder / ".prepare-key"
+    return p.read_text().strip() if p.is_file() else None
+
+
+def probe_adapter_dirs(plan: Plan) -> list[Path]:
+    root = plan.stage("probe_adapters").output
+    return [root / f"{d}-unsafe-s{plan.options.probe_seed}" for d in plan.options.probe_domains]
+
+
+def load_probes(plan: Plan) -> list[Any]:
+    return [load_adapter(p) for p in probe_adapter_dirs(plan)]

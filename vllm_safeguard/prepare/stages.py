@@ -1,0 +1,190 @@
+"""The builders of ``prepare``'s stages (``build_<stage>(plan, folder)``) and its manifest."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from . import data as D
+from .inputs import probe_examples
+from .plan import MANIFEST, Plan, load_probes, probe_adapter_dirs
+
+GUARD_METRICS = "guard_metrics.json"
+CALIBRATION = "calibration.json"
+
+
+def build_probe_adapters(plan: Plan, folder: Path) -> None:
+    """One harmful LoRA per probe domain, trained on the aligned model (what an attacker's fine-tune
+    does to it: the raw material of the safety adapter and of the alpha calibration)."""
+    from .train import train_lora
+
+    for domain, path in zip(plan.options.probe_domains, probe_adapter_dirs(plan), strict=True):
+        train_lora(
+            plan.model,
+            folder / path.name,
+            probe_examples(plan.options, plan.inputs, domain),
+            plan.options.probe_recipe(),
+        )
+
+
+def build_reference(plan: Plan, folder: Path) -> None:
+    from ..core.reference import AlignmentReference
+
+    assert plan.base is not None
+    ref = AlignmentReference.build(
+        plan.model, plan.base, energy=plan.options.reference_energy, max_rank=plan.options.reference_max_rank
+    )
+    ref.save(folder)
+
+
+def _model(plan: Plan) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(plan.model))
+    return AutoModelForCausalLM.from_pretrained(str(plan.model), dtype=torch.float32).eval(), tok
+
+
+def build_safety_adapter(plan: Plan, folder: Path) -> None:
+    """SafeGene's safety adapter from the probe adapters; layers chosen on the few-shot harmful prompts
+    (benign training prompts discount layers that act on everything), as in the lab."""
+    from ..methods.safegene import extract_safety_adapter, select_layers
+
+    safety = extract_safety_adapter(plan.model, load_probes(plan), rank=plan.options.safety_rank)
+    model, tok = _model(plan)
+    safety = select_layers(
+        model,
+        tok,
+        safety,
+        plan.inputs.harm["fewshot"],
+        keep=plan.options.safety_keep,
+        benign_prompts=plan.inputs.benign["train"][:16],
+    )
+    safety.save(folder)
+
+
+def guard_sets(plan: Plan) -> dict[str, list[str]]:
+    """Training pools and held-out test sets of the guard (the lab's ``guard_sets``)."""
+    o, inp = plan.options, plan.inputs
+    harm_train = list(inp.harm["train"])
+    dom_train = [
+        e.prompt for d in o.guard_domains for e in D.domain_train_set(d, o.guard_domain_train, seed=777)
+    ]
+    return {
+        "harm_train": harm_train,
+        "benign_train": list(inp.benign["train"][: max(len(harm_train), 60)]) + dom_train,
+        "harm_test": list(inp.harm["test"]),
+        "benign_test": list(inp.benign["test"]),
+        "domain_test": [e.prompt for d in o.guard_domains for e in D.domain_test_set(d, 30)],
+    }
+
+
+def build_guard(plan: Plan, folder: Path) -> None:
+    from ..guard.experiment import train_and_test
+
+    sets = guard_sets(plan)
+    probe, result = train_and_test(
+        plan.model,
+        harm_train=sets["harm_train"],
+        benign_train=sets["benign_train"],
+        harm_test=sets["harm_test"],
+        benign_test=sets["benign_test"],
+        domain_test=sets["domain_test"],
+        target_fpr=plan.options.guard_target_fpr,
+    )
+    probe.save(folder)
+    keep = ("layer", "threshold", "validation", "test", "feature_seconds")
+    (folder / GUARD_METRICS).write_text(json.dumps({k: result[k] for k in keep}, indent=1))
+
+
+def build_calibration(plan: Plan, folder: Path) -> None:
+    """The guard with ``alpha_high`` calibrated (calibrate.py); the plugin reads this folder."""
+    from ..guard.probe import GuardProbe
+    from ..methods.safegene import SafetyAdapter
+    from .calibrate import calibrate_alpha_high
+
+    o = plan.options
+    cal = calibrate_alpha_high(
+        plan.model,
+        load_probes(plan),
+        SafetyAdapter.load(plan.stage("safety_adapter").output),
+        plan.inputs.harm["fewshot"],
+        sweep=o.alpha_cal_sweep,
+        target_asr=o.alpha_cal_target_asr,
+        max_tokens=o.harmful_tokens,
+    )
+    probe = GuardProbe.load(plan.stage("guard").output)
+    probe.manifest.alpha_high = float(cal["alpha_high"])
+    probe.save(folder)
+    src = plan.stage("guard").output / GUARD_METRICS
+    (folder / GUARD_METRICS).write_text(src.read_text())
+    (folder / CALIBRATION).write_text(json.dumps(cal, indent=1))
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def manifest(plan: Plan, timings: dict[str, float]) -> dict[str, Any]:
+    """What was built for which model, from which data and seeds, and how good it measured."""
+    artifacts: dict[str, Any] = {}
+    not_built: dict[str, str] = {}
+    for st in plan.stages:
+        if st.name in ("probe_adapters", "guard"):
+            continue  # intermediate: the plugin reads reference, safety_adapter and guard (= calibration)
+        kind = "guard" if st.name == "calibration" else st.name
+        if st.skipped:
+            not_built[kind] = st.skipped
+        elif st.output.is_dir():
+            artifacts[kind] = {"path": str(st.output), "key": st.key}
+    not_built["translator"] = (
+        "not built by prepare (method 'translator' needs `vllm-safeguard translator train`)"
+    )
+    guard_dir = plan.stage("calibration").output
+    guard = _read(guard_dir / GUARD_METRICS)
+    cal = _read(guard_dir / CALIBRATION)
+    safety = _read(plan.stage("safety_adapter").output / "safegene.json")
+    o = plan.options
+    return {
+        "format": 1,
+        "vllm_safeguard": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"path": str(plan.model), "weights_sha256": plan.model_hash},
+        "base": str(plan.base) if plan.base else None,
+        "artifacts": artifacts,
+        "not_built": not_built,
+        "data": {
+            **plan.inputs.source,
+            "digest": plan.inputs.digest(),
+            "sizes": {
+                **{f"harmful_{k}": len(v) for k, v in plan.inputs.harm.items()},
+                **{f"benign_{k}": len(v) for k, v in plan.inputs.benign.items()},
+            },
+        },
+        "seeds": {
+            "split": o.split_seed,
+            "probe_adapters": o.probe_seed,
+            "guard": 0,
+            "guard_domain_train": 777,
+        },
+        "options": o.model_dump(mode="json"),
+        "quality": {
+            "guard": None
+            if guard is None
+            else {
+                "layer": guard["layer"],
+                "threshold": guard["threshold"],
+                "heldout": guard["test"],
+                "validation": guard["validation"],
+            },
+            "alpha_calibration": cal,
+            "safety_adapter": None
+            if safety is None
+            else {"rank": safety.get("rank"), "layers": safety.get("layers")},
+        },
+        "timings_s": timings,
+        "manifest_file": MANIFEST,
+    }
