@@ -9,7 +9,7 @@ STAMP := $(VENV)/.safeguard-installed
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint typecheck unit e2e lab bench bench-serving bench-kernels dashboard clean
+.PHONY: venv demo test lint typecheck unit e2e lab bench bench-serving bench-kernels bench-prepare dashboard clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,9 @@ bench: $(STAMP)
 
 bench-serving: $(STAMP)
 	$(PY) benchmarks/bench_serving.py
+
+bench-prepare: $(STAMP)
+	$(PY) benchmarks/bench_prepare.py
 
 bench-kernels: $(STAMP)
 	$(PY) benchmarks/bench_fused_safety_lora.py

@@ -72,13 +72,16 @@ class SafeguardConfig(BaseModel):
         description="Options of the chosen method (validated by the method's own Options model).",
     )
     risk_threshold: float = Field(
-        0.0,
+        0.15,
         ge=0.0,
         description=(
             "Adapters whose risk score (worst module, see vllm_safeguard.core.risk: 1 = cancels that module's "
             "alignment delta exactly, unbounded above) is below this pass (canonicalized, unrepaired); at or "
             "above it the method must bring the score below it (and below max_served_risk), else the "
-            "adapter is refused (refused_unrepairable). 0 runs the method on every adapter."
+            "adapter is refused (refused_unrepairable). 0 runs the method on every adapter. Default 0.15: "
+            "on SmolLM2 the lab's unsafe experts score 0.17-0.19 (safegene brings them to 0.11-0.13) and its "
+            "benign adapters 0.07-0.10, which safegene would refuse at 0 (adding the safety adapter raises "
+            "their small risk); README 'What the default does'."
         ),
     )
     fail_closed: bool = Field(

@@ -64,7 +64,7 @@ def found(
 
 def _where(kind: ArtifactKind, config: SafeguardConfig, model_name: str, model_dir: Path | None) -> str:
     tried = [str(p) for p in candidates(kind, config, model_name, model_dir)] or ["nothing"]
-    return f"no {kind.what} (tried {', '.join(tried)}; build it with {kind.how})"
+    return f"missing {kind.what} (tried {', '.join(tried)}; build it with {kind.how})"
 
 
 def resolve_protection(

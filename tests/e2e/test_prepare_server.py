@@ -4,7 +4,8 @@
 budgets and prompt files made of the tiny vocabulary. Then one vLLM server per case, configured by
 nothing but the cache root (``SAFEGUARD_CACHE_DIR``: the default ``artifacts_dir`` lies under it):
 
-* prepared: the unsafe adapter (loaded at run time) is repaired by the default method (safegene), a
+* prepared (from the operator's caught unsafe adapter, ``--probe-adapter``): an unsafe adapter
+  (loaded at run time) is repaired by the default method (safegene), a benign one passes, a
   request without ``safeguard_alpha`` is scored by the guard (default "auto"), an explicit "auto"
   request gets the guard headers, and ``safeguard_protection`` is 1 for every layer;
 * artifacts missing: the startup log carries the warning, the gauge is 0 for every layer and the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from vllm_safeguard.apps.serve import http_get
+from vllm_safeguard.core.adapter_io import save_adapter
 from vllm_safeguard.testing.server import (
     launch_test_server,
     metric,
@@ -34,7 +37,7 @@ from vllm_safeguard.testing.server import (
     server_env,
     vllm_server_argv,
 )
-from vllm_safeguard.testing.workspace import prepare_tiny_workspace
+from vllm_safeguard.testing.workspace import prepare_tiny_workspace, unsafe_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,6 +54,7 @@ TINY_OPTIONS = {
     "harmful_tokens": 4,
     "safety_rank": 4,
     "reference_max_rank": 8,
+    "safety_keep": 1.0,
 }
 
 
@@ -86,35 +90,45 @@ class Run:
     metrics: str
     log: str
     load: tuple[int, str]
+    load_benign: tuple[int, str]
     plain: tuple[int, dict[str, str], Any]
     auto: tuple[int, dict[str, str], Any]
 
 
-def _serve(ws: Any, root: Path, cache: Path, name: str) -> tuple[str, str, Any, Any, Any]:
+def _serve(ws: Any, root: Path, cache: Path, name: str) -> tuple[str, str, Any, Any, Any, Any]:
     env = server_env(base=_env(cache), runtime_lora_updating=True)
     argv = vllm_server_argv(ws.base, port=PORT)
     log_path = root / f"{name}.log"
     server = launch_test_server(argv, env=env, log_path=log_path, require_plugin=False)
     try:
-        body = {"lora_name": "unsafe", "lora_path": str(ws.adapters["unsafe"])}
-        load = post_reply(server.url + "/v1/load_lora_adapter", body, timeout=300)
-        plain = _chat(server.url, "unsafe", "how to make a bomb please", None)
+        loads = {}
+        for adapter in ("mild", "benign"):
+            body = {"lora_name": adapter, "lora_path": str(root / adapter)}
+            reply = post_reply(server.url + "/v1/load_lora_adapter", body, timeout=300)
+            loads[adapter] = (reply.status, reply.text)
+        plain = _chat(server.url, "mild", "how to make a bomb please", None)
         auto = _chat(
             server.url,
-            "unsafe",
+            "mild",
             "tell me a cake story",
             {"safeguard_alpha": "auto", "safeguard_return_score": True},
         )
         metrics = http_get(server.url + "/metrics", timeout=30)[1]
     finally:
         server.stop(timeout=60)
-    return metrics, log_path.read_text(errors="replace"), (load.status, load.text), plain, auto
+    return metrics, log_path.read_text(errors="replace"), loads["mild"], loads["benign"], plain, auto
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     root = tmp_path_factory.mktemp("e2e-prepare")
     ws = prepare_tiny_workspace(root / "ws", n_benign=1)
+    # "mild" undoes 30% of the alignment delta (risk ~0.3, above the default threshold); "benign" is a
+    # random adapter (risk ~0, below it). The operator's caught adapter ("unsafe": undoes all of it)
+    # is what prepare extracts the safety adapter from: on a random tiny model, training probe
+    # adapters on harmful prompts cannot produce anything related to the alignment delta.
+    shutil.copytree(ws.adapters["benign0"], root / "benign")
+    save_adapter(unsafe_adapter(ws.reference, rank=4, strength=0.3), root / "mild")
     (root / "harm.txt").write_text("\n".join(_prompts(HARM, 40, 0)))
     (root / "benign.txt").write_text("\n".join(_prompts(BENIGN, 30, 1)))
     (root / "options.json").write_text(json.dumps(TINY_OPTIONS))
@@ -123,7 +137,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         sys.executable, "-m", "vllm_safeguard.apps.cli", "prepare",
         "--model", str(ws.base), "--base", str(ws.unaligned),
         "--harmful", str(root / "harm.txt"), "--benign", str(root / "benign.txt"),
-        "--options", str(root / "options.json"),
+        "--options", str(root / "options.json"), "--probe-adapter", str(ws.adapters["unsafe"]),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -148,8 +162,13 @@ def test_prepare_writes_manifest_and_every_artifact(runs: dict[str, Run]) -> Non
 def test_defaults_repair_and_answer_auto_with_guard_headers(runs: dict[str, Run]) -> None:
     r = runs["prepared"]
     assert "is NOT fully protected" not in r.log
+    assert "protection layers active: load_time_repair, serving_alpha, guard_auto" in r.log
     assert r.load[0] == 200, r.load
-    assert metric(r.metrics, "safeguard_adapter_loads_total", outcome="repaired", method="safegene") >= 1
+    # The default method repairs the adapter at or above the default risk threshold (safegene at load
+    # time) and passes the one below it unchanged.
+    assert r.load_benign[0] == 200, r.load_benign
+    assert metric(r.metrics, "safeguard_adapter_loads_total", outcome="repaired", method="safegene") == 1
+    assert metric(r.metrics, "safeguard_adapter_loads_total", outcome="passed", method="safegene") == 1
     for layer in ("load_time_repair", "serving_alpha", "guard_auto"):
         assert metric(r.metrics, "safeguard_protection", layer=layer) == 1, layer
     assert r.plain[0] == 200, r.plain
@@ -169,4 +188,5 @@ def test_missing_artifacts_warn_and_show_no_protection(runs: dict[str, Run]) -> 
     # The unsafe adapter is not served unrepaired: its load is refused (4xx naming the missing
     # artifact) and requests naming it fail with a client error.
     assert r.load[0] == 400 and "safety adapter" in r.load[1], r.load
+    assert r.load_benign[0] == 400, r.load_benign
     assert r.plain[0] in (400, 404), r.plain

@@ -464,6 +464,11 @@ def prepare(
         help="Operator harmful prompts (one per line or a JSON list) instead of the bundled HarmBench set.",
     ),
     benign: Path | None = typer.Option(None, help="Operator benign prompts instead of the bundled set."),
+    probe_adapter: list[Path] = typer.Option(
+        [],
+        help="Harmful adapter(s) of the operator's (e.g. ones already caught) to extract the safety adapter "
+        "and calibrate alpha from, instead of training probe adapters (repeatable).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and time estimate; build nothing."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard this model's earlier artifacts first."),
     options: Path | None = typer.Option(
@@ -483,10 +488,10 @@ def prepare(
         root = out or load_config().artifacts_dir
         if root is None:
             raise ConfigError("no --out and artifacts_dir is unset: say where the artifacts go")
-        plan = make_plan(model, base, root, opts, inputs, name)
+        plan = make_plan(model, base, root, opts, inputs, name, probe_adapter)
         if fresh and not dry_run:
             clean(plan)
-            plan = make_plan(model, base, root, opts, inputs, name)
+            plan = make_plan(model, base, root, opts, inputs, name, probe_adapter)
         typer.echo(plan.describe())
         if dry_run:
             return

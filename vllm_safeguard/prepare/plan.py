@@ -16,15 +16,15 @@ from .inputs import PrepareInputs
 from .options import PrepareOptions
 
 MANIFEST = "manifest.json"
-# Seconds per stage for a 135M-parameter model on 2 CPU cores (measured: benchmarks/results/
+# Seconds per stage for SmolLM2-135M (fp32) on 2 CPU cores, measured (benchmarks/results/
 # bench_prepare.md); the estimate scales them by the model's weight bytes.
 REFERENCE_BYTES = 538_000_000
 STAGE_SECONDS = {
-    "probe_adapters": 220.0,
-    "reference": 40.0,
-    "safety_adapter": 60.0,
-    "guard": 120.0,
-    "calibration": 90.0,
+    "probe_adapters": 195.0,
+    "reference": 21.0,
+    "safety_adapter": 10.0,
+    "guard": 106.0,
+    "calibration": 30.0,
 }
 
 
@@ -48,6 +48,8 @@ class Plan:
     inputs: PrepareInputs
     model_hash: str
     stages: list[Stage] = field(default_factory=list)
+    # Operator-supplied harmful adapters used instead of training probe adapters (--probe-adapter).
+    probe_sources: list[Path] = field(default_factory=list)
 
     @property
     def work(self) -> Path:
@@ -99,6 +101,7 @@ def make_plan(
     options: PrepareOptions,
     inputs: PrepareInputs,
     name: str | None = None,
+    probe_sources: list[Path] | None = None,
 ) -> Plan:
     if not (model / "config.json").is_file():
         raise ConfigError(f"--model {str(model)!r} is not a HF model folder (no config.json)")
@@ -106,9 +109,16 @@ def make_plan(
         raise ConfigError(f"--base {str(base)!r} is not a HF model folder (no config.json)")
     model_hash = weights_hash(model)
     plan = Plan(model, base, out / slug(name or model.name), options, inputs, model_hash)
+    for src in probe_sources or []:
+        if not (src / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"--probe-adapter {str(src)!r} is not a PEFT adapter folder (no adapter_config.json)"
+            )
+    plan.probe_sources = list(probe_sources or [])
     scale = sum(f.stat().st_size for f in model.glob("*.safetensors")) / REFERENCE_BYTES or 1.0
     opts = options.model_dump(mode="json")
-    k_probe = _key("probe", model_hash, inputs.digest(), opts)
+    sources = [adapter_hash(p) for p in plan.probe_sources]
+    k_probe = _key("probe", model_hash, inputs.digest(), opts, sources)
     k_safety = _key("safety", k_probe)
     k_guard = _key("guard", model_hash, inputs.digest(), opts)
     base_hash = weights_hash(base) if base is not None else None
@@ -135,7 +145,18 @@ def _read_key(folder: Path) -> str | None:
 
 def probe_adapter_dirs(plan: Plan) -> list[Path]:
     root = plan.stage("probe_adapters").output
+    if plan.probe_sources:
+        return [root / f"operator-{i}" for i in range(len(plan.probe_sources))]
     return [root / f"{d}-unsafe-s{plan.options.probe_seed}" for d in plan.options.probe_domains]
+
+
+def adapter_hash(folder: Path) -> str:
+    """sha256 over a PEFT folder's config and weight files."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("adapter_*")):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def load_probes(plan: Plan) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ def build_probe_adapters(plan: Plan, folder: Path) -> None:
     does to it: the raw material of the safety adapter and of the alpha calibration)."""
     from .train import train_lora
 
+    if plan.probe_sources:  # the operator's own harmful adapters: copied, never trained
+        for src, path in zip(plan.probe_sources, probe_adapter_dirs(plan), strict=True):
+            shutil.copytree(src, folder / path.name)
+        return
     for domain, path in zip(plan.options.probe_domains, probe_adapter_dirs(plan), strict=True):
         train_lora(
             plan.model,
@@ -164,6 +169,8 @@ def manifest(plan: Plan, timings: dict[str, float]) -> dict[str, Any]:
                 **{f"benign_{k}": len(v) for k, v in plan.inputs.benign.items()},
             },
         },
+        "probe_adapters": [str(p) for p in plan.probe_sources]
+        or "trained by prepare (probe_domains, probe_seed)",
         "seeds": {
             "split": o.split_seed,
             "probe_adapters": o.probe_seed,
