@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,13 +41,18 @@ def _prompt_file(path: Path, word: str, n: int, seed: int) -> Path:
     return path
 
 
+def _inputs(folder: Path) -> Any:
+    """The prompt sets of every test: 32 harmful-word and 24 benign-word prompts in ``folder``."""
+    return load_inputs(
+        OPTIONS, _prompt_file(folder / "h.txt", "bomb", 32, 0), _prompt_file(folder / "b.txt", "cake", 24, 1)
+    )
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_models: tuple[Path, Path]) -> tuple[Path, dict]:
     base, aligned = tiny_models
     root = tmp_path_factory.mktemp("prepare")
-    inputs = load_inputs(
-        OPTIONS, _prompt_file(root / "h.txt", "bomb", 32, 0), _prompt_file(root / "b.txt", "cake", 24, 1)
-    )
+    inputs = _inputs(root)
     plan = make_plan(aligned, base, root / "artifacts", OPTIONS, inputs)
     assert "estimated time" in plan.describe()
     manifest = run_plan(plan, log=lambda _: None)
@@ -73,9 +79,7 @@ def test_rerun_is_cached_and_a_changed_option_rebuilds_only_what_depends_on_it(
 ) -> None:
     root, _ = prepared
     base, aligned = tiny_models
-    inputs = load_inputs(
-        OPTIONS, _prompt_file(root / "h.txt", "bomb", 32, 0), _prompt_file(root / "b.txt", "cake", 24, 1)
-    )
+    inputs = _inputs(root)
     again = make_plan(aligned, base, root / "artifacts", OPTIONS, inputs)
     assert all(s.cached for s in again.stages)
     changed = make_plan(
@@ -87,11 +91,7 @@ def test_rerun_is_cached_and_a_changed_option_rebuilds_only_what_depends_on_it(
 
 def test_without_base_the_reference_is_skipped_and_said(tiny_models, tmp_path: Path) -> None:
     _, aligned = tiny_models
-    inputs = load_inputs(
-        OPTIONS,
-        _prompt_file(tmp_path / "h.txt", "bomb", 32, 0),
-        _prompt_file(tmp_path / "b.txt", "cake", 24, 1),
-    )
+    inputs = _inputs(tmp_path)
     plan = make_plan(aligned, None, tmp_path / "artifacts", OPTIONS, inputs)
     ref = plan.stage("reference")
     assert ref.skipped and "--base" in ref.skipped and "--base" in plan.describe()
@@ -120,3 +120,18 @@ def test_protection_without_artifacts_names_what_is_missing(tiny_models, tmp_pat
     assert resolved.alpha_enabled is False and resolved.guard_path is None
     off = load_config({"safeguard": {"enabled": False}}, env={})
     assert resolve_protection(off, "m", aligned)[1].layers == dict.fromkeys(LAYERS, False)
+
+
+def test_operator_probe_adapters_replace_the_trained_ones(tiny_models, tmp_path: Path) -> None:
+    from vllm_safeguard.prepare.plan import probe_adapter_dirs
+    from vllm_safeguard.testing.tiny import write_random_adapter
+
+    base, aligned = tiny_models
+    inputs = _inputs(tmp_path)
+    caught = write_random_adapter(tmp_path / "caught", seed=3)
+    trained = make_plan(aligned, base, tmp_path / "a", OPTIONS, inputs)
+    given = make_plan(aligned, base, tmp_path / "a", OPTIONS, inputs, probe_sources=[caught])
+    assert given.stage("probe_adapters").key != trained.stage("probe_adapters").key
+    assert [p.name for p in probe_adapter_dirs(given)] == ["operator-0"]
+    with pytest.raises(ConfigError, match="not a PEFT adapter folder"):
+        make_plan(aligned, base, tmp_path / "a", OPTIONS, inputs, probe_sources=[tmp_path])

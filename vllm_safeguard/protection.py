@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm_safeguard")
 
 LAYERS = ("load_time_repair", "serving_alpha", "guard_auto")
+DISABLED = "vllm-safeguard is disabled (enabled=false)"
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,7 @@ def resolve_protection(
         guard_path = found(GUARD, config, model_name, model_dir)
     resolved = config.model_copy(update={"alpha_enabled": alpha_on, "guard_path": guard_path})
     if not config.enabled:
-        reason = "vllm-safeguard is disabled (enabled=false)"
-        return resolved, Protection(dict.fromkeys(LAYERS, False), dict.fromkeys(LAYERS, reason))
+        return resolved, Protection(dict.fromkeys(LAYERS, False), dict.fromkeys(LAYERS, DISABLED))
 
     needs = [REFERENCE, *METHODS[config.method].artifacts]
     loaded = {k.name: p for k in needs if (p := found(k, config, model_name, model_dir)) is not None}
@@ -116,7 +116,8 @@ def resolve_protection(
 
 def log_protection(protection: Protection, model_name: str) -> None:
     """One INFO line when every layer is on; a loud WARNING naming each missing one otherwise."""
-    if not protection.missing:
+    if not protection.missing or set(protection.missing.values()) == {DISABLED}:
+        # All on, or switched off on purpose (enabled=false): nothing to shout about.
         logger.info("vllm-safeguard: model %s: %s", model_name, protection.summary())
         return
     bar = "!" * 78

