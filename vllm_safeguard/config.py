@@ -63,8 +63,8 @@ class SafeguardConfig(BaseModel):
         "safegene",
         description=(
             f"Repair method applied to adapters at or above the risk threshold: one of {tuple(METHODS)}. "
-            "Default 'safegene' (the measured-best load-time method, README 'What the default does'); it "
-            "needs the artifacts `vllm-safeguard prepare` builds."
+            "Default 'safegene', the load-time half of the measured default policy (README 'What the "
+            "default does'); it needs the artifacts `vllm-safeguard prepare` builds."
         ),
     )
     method_options: dict[str, Any] = Field(
@@ -79,9 +79,9 @@ class SafeguardConfig(BaseModel):
             "alignment delta exactly, unbounded above) is below this pass (canonicalized, unrepaired); at or "
             "above it the method must bring the score below it (and below max_served_risk), else the "
             "adapter is refused (refused_unrepairable). 0 runs the method on every adapter. Default 0.15: "
-            "on SmolLM2 the lab's unsafe experts score 0.17-0.19 (safegene brings them to 0.11-0.13) and its "
-            "benign adapters 0.07-0.10, which safegene would refuse at 0 (adding the safety adapter raises "
-            "their small risk); README 'What the default does'."
+            "on SmolLM2 unsafe experts made like the lab's score 0.14-0.19 (safegene brings those above 0.15 "
+            "to 0.11-0.13) and benign adapters 0.07-0.10, which safegene would refuse at 0 (adding the "
+            "safety adapter raises their small risk); README 'What the default does'."
         ),
     )
     fail_closed: bool = Field(

