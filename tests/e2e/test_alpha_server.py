@@ -7,7 +7,7 @@ from vLLM *offline* with the plugin disabled, serving plain LoRA adapters built 
 
 * alpha 0 on adapter T            == adapter T
 * alpha 1 on adapter T            == adapter T with the safety delta merged in (rank concatenated)
-* no alpha on adapter T           == merged (default_alpha 1)
+* no alpha on adapter T           == merged (default_alpha 1, configured)
 * no alpha on the base model      == base model (base_request_alpha 0)
 * alpha 1 on the base model       == the safety delta alone served as an adapter
 
@@ -87,6 +87,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Record:
 
     safeguard_cfg = {
         "alpha_enabled": True,
+        "default_alpha": 1.0,  # what "no alpha on adapter T" is checked against (the default is "auto")
         "safety_adapter_path": str(safety_dir),
         "risk_threshold": 0.5,  # benign0 (risk ~0) is served unchanged, so "plain" is exactly it
         "cache_dir": str(root / "cache"),
