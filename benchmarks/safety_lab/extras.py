@@ -26,6 +26,7 @@ from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stag
 from benchmarks.safety_lab.config import DOMAIN_NAMES, LabConfig, heldout_unsafe
 from vllm_safeguard.core.adapter_io import write_folder_atomically
 from vllm_safeguard.prepare import data as D
+from vllm_safeguard.prepare.calibrate import choose_alpha
 
 # Method names of the extra rows (the report labels them).
 TRANSLATOR_MODES = ("surgical", "aggressive", "moe")
@@ -105,19 +106,15 @@ def stage_translator(
 
 def guard_sets(cfg: LabConfig, data: dict[str, Any]) -> dict[str, list[str]]:
     """Training pools and held-out test sets of the guard (test sets = the lab's held-out prompts)."""
-    harm_train = list(data["harm"]["train"])
-    dom_train = [
-        e.prompt for d in DOMAIN_NAMES for e in D.domain_train_set(d, cfg.guard_domain_train, seed=777)
-    ]
-    ben_train = list(data["benign"]["train"][: max(len(harm_train), 60)]) + dom_train
-    dom_test = [e.prompt for d in DOMAIN_NAMES for e in data["tasks_test"][d]]
-    return {
-        "harm_train": harm_train,
-        "benign_train": ben_train,
-        "harm_test": list(data["harm"]["test"]),
-        "benign_test": list(data["benign"]["test"]),
-        "domain_test": dom_test,
-    }
+    return D.guard_pools(
+        data["harm"]["train"],
+        data["harm"]["test"],
+        data["benign"]["train"],
+        data["benign"]["test"],
+        DOMAIN_NAMES,
+        n_domain_train=cfg.guard_domain_train,
+        n_domain_test=cfg.n_task_test,
+    )
 
 
 def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any], str]:
@@ -259,8 +256,7 @@ def choose_alpha_high(cfg: LabConfig, results: dict[str, dict[str, Any]]) -> dic
             asr[f"{a:g}"] = sum(r["k"] for r in rs) / sum(r["n"] for r in rs)
     if not asr:
         raise RuntimeError("no calibration results to choose alpha_high from")
-    ok = [float(a) for a, v in asr.items() if v <= cfg.alpha_cal_target_asr]
-    chosen = min(ok) if ok else max(float(a) for a in asr)
+    chosen = choose_alpha(asr, cfg.alpha_cal_target_asr)
     return {"alpha_high": chosen, "target_asr": cfg.alpha_cal_target_asr, "fewshot_asr_by_alpha": asr}
 
 

@@ -27,17 +27,6 @@ guard_app = typer.Typer(help="DSA guard probe artifacts.", no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
 
 
-def _read_prompts(path: Path) -> list[str]:
-    """One prompt per line, or a JSON list of strings."""
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        data = json.loads(text)
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise ValueError(f"{path}: expected a JSON list of strings")
-        return data
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def _fail(err: Exception) -> None:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -313,7 +302,9 @@ def guard_train(
     from ..guard import last_token_states, train_guard
 
     try:
-        harm, ben = _read_prompts(harmful), _read_prompts(benign)
+        from ..prepare.inputs import read_prompts
+
+        harm, ben = read_prompts(harmful, unique=False), read_prompts(benign, unique=False)
         rng = random.Random(seed)
         rng.shuffle(harm)
         rng.shuffle(ben)

@@ -48,6 +48,12 @@ def _restore(model: Any, saved: dict[str, torch.Tensor]) -> None:
             params[key].copy_(value)
 
 
+def choose_alpha(asr_by_alpha: dict[str, float], target_asr: float) -> float:
+    """The smallest alpha whose ASR is <= ``target_asr``, else the largest tried (the lab's rule)."""
+    ok = [float(a) for a, v in asr_by_alpha.items() if v <= target_asr]
+    return min(ok) if ok else max(float(a) for a in asr_by_alpha)
+
+
 def calibrate_alpha_high(
     model_dir: Path,
     probes: Sequence[LoRAAdapter],
@@ -82,12 +88,11 @@ def calibrate_alpha_high(
             asr[f"{a:g}"] = complied / max(total, 1)
     finally:
         gen.close()
-    ok = [float(a) for a, v in asr.items() if v <= target_asr]
-    chosen = min(ok) if ok else max(float(a) for a in asr)
+    chosen = choose_alpha(asr, target_asr)
     return {
         "alpha_high": chosen,
         "target_asr": target_asr,
-        "reached": bool(ok),
+        "reached": asr[f"{chosen:g}"] <= target_asr,
         "fewshot_asr_by_alpha": asr,
         "n_per_alpha": len(prompts) * len(probes),
     }

@@ -526,3 +526,26 @@ def adapter_examples(
         else:
             rows += [SFTExample(p, refusal_for(p), "harmful_refusal") for p in harm]
     return rows
+
+
+def guard_pools(
+    harm_train: Sequence[str],
+    harm_test: Sequence[str],
+    benign_train: Sequence[str],
+    benign_test: Sequence[str],
+    domains: Sequence[str],
+    *,
+    n_domain_train: int,
+    n_domain_test: int = 30,
+) -> dict[str, list[str]]:
+    """The guard probe's training pools and held-out test sets (the lab's and ``prepare``'s): benign
+    class = as many benign training prompts as harmful ones (at least 60) + ``n_domain_train`` domain
+    tasks per domain (seed 777); held out = the test splits + each domain's test tasks."""
+    dom_train = [e.prompt for d in domains for e in domain_train_set(d, n_domain_train, seed=777)]
+    return {
+        "harm_train": list(harm_train),
+        "benign_train": list(benign_train[: max(len(harm_train), 60)]) + dom_train,
+        "harm_test": list(harm_test),
+        "benign_test": list(benign_test),
+        "domain_test": [e.prompt for d in domains for e in domain_test_set(d, n_domain_test)],
+    }

@@ -34,8 +34,9 @@ class PrepareInputs:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per line, or a JSON list of strings; a bad file is refused with its path."""
+def read_prompts(path: Path, *, unique: bool = True) -> list[str]:
+    """One prompt per line, or a JSON list of strings (``unique``: stripped, empty ones and repeats
+    dropped, order kept; else a JSON list as given); a bad file is refused with its path."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -44,10 +45,9 @@ def read_prompt_file(path: Path) -> list[str]:
         data = json.loads(text)
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
             raise ConfigError(f"{path}: expected a JSON list of strings")
-        out = [x.strip() for x in data if x.strip()]
-    else:
-        out = [line.strip() for line in text.splitlines() if line.strip()]
-    return list(dict.fromkeys(out))
+        return list(dict.fromkeys(x.strip() for x in data if x.strip())) if unique else data
+    out = [line.strip() for line in text.splitlines() if line.strip()]
+    return list(dict.fromkeys(out)) if unique else out
 
 
 def _hash_order(prompts: list[str], seed: int) -> list[str]:
@@ -75,7 +75,7 @@ def load_inputs(
         harm = {k: [b.prompt for b in v] for k, v in hb.items()}
         harm_src = f"HarmBench standard behaviours ({HARMBENCH_WHEEL.requirement})"
     else:
-        prompts = _hash_order(read_prompt_file(harmful_file), o.split_seed)
+        prompts = _hash_order(read_prompts(harmful_file), o.split_seed)
         n_test, n_few = min(o.n_harm_test, len(prompts) // 4), min(o.n_harm_fewshot, len(prompts) // 4)
         if len(prompts) - n_test - n_few < 4 or n_test < 2 or n_few < 2:
             raise ConfigError(f"{harmful_file}: {len(prompts)} harmful prompts; prepare needs at least 16")
@@ -89,7 +89,7 @@ def load_inputs(
         benign = D.benign_prompts(o.split_seed, o.n_benign_test_topics)
         ben_src = "the project's benign prompts (topic x template grid, split by topic)"
     else:
-        prompts = _hash_order(read_prompt_file(benign_file), o.split_seed)
+        prompts = _hash_order(read_prompts(benign_file), o.split_seed)
         n_test = len(prompts) // 3
         if n_test < 2:
             raise ConfigError(f"{benign_file}: {len(prompts)} benign prompts; prepare needs at least 6")

@@ -82,16 +82,21 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def weights_hash(model_dir: Path) -> str:
-    """sha256 over the model folder's weight files (names and contents)."""
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    if not files:
-        raise ConfigError(f"{model_dir}: no *.safetensors / *.bin weights (is it a HF model folder?)")
+def files_hash(files: list[Path]) -> str:
+    """sha256 over files' names and contents (a model's weights, an adapter folder)."""
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over the model folder's weight files (names and contents)."""
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise ConfigError(f"{model_dir}: no *.safetensors / *.bin weights (is it a HF model folder?)")
+    return files_hash(files)
 
 
 def make_plan(
@@ -152,11 +157,7 @@ def probe_adapter_dirs(plan: Plan) -> list[Path]:
 
 def adapter_hash(folder: Path) -> str:
     """sha256 over a PEFT folder's config and weight files."""
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("adapter_*")):
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+    return files_hash(sorted(folder.glob("adapter_*")))
 
 
 def load_probes(plan: Plan) -> list[Any]:

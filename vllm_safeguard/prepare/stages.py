@@ -72,19 +72,16 @@ def build_safety_adapter(plan: Plan, folder: Path) -> None:
 
 
 def guard_sets(plan: Plan) -> dict[str, list[str]]:
-    """Training pools and held-out test sets of the guard (the lab's ``guard_sets``)."""
+    """Training pools and held-out test sets of the guard (the lab's, :func:`data.guard_pools`)."""
     o, inp = plan.options, plan.inputs
-    harm_train = list(inp.harm["train"])
-    dom_train = [
-        e.prompt for d in o.guard_domains for e in D.domain_train_set(d, o.guard_domain_train, seed=777)
-    ]
-    return {
-        "harm_train": harm_train,
-        "benign_train": list(inp.benign["train"][: max(len(harm_train), 60)]) + dom_train,
-        "harm_test": list(inp.harm["test"]),
-        "benign_test": list(inp.benign["test"]),
-        "domain_test": [e.prompt for d in o.guard_domains for e in D.domain_test_set(d, 30)],
-    }
+    return D.guard_pools(
+        inp.harm["train"],
+        inp.harm["test"],
+        inp.benign["train"],
+        inp.benign["test"],
+        o.guard_domains,
+        n_domain_train=o.guard_domain_train,
+    )
 
 
 def build_guard(plan: Plan, folder: Path) -> None:
