@@ -201,9 +201,9 @@ class SafeguardConfig(BaseModel):
         "auto",
         description=(
             "Alpha of requests that use a task adapter and do not send 'safeguard_alpha'. 'auto' (default): "
-            "the guard probe decides per request (its alpha_low, or its calibrated alpha_high when flagged) "
-            "when a guard is found; without a guard such requests get 0 (the load-time repair alone). A "
-            "number: that fixed alpha."
+            "the guard probe decides per request (alpha_low below its ramp, its calibrated alpha_high at or "
+            "above its threshold, in between on the fail-safe ramp) when a guard is found; without a guard "
+            "such requests get 0 (the load-time repair alone). A number: that fixed alpha."
         ),
     )
     base_request_alpha: float = Field(
@@ -228,7 +228,9 @@ class SafeguardConfig(BaseModel):
         description=(
             "DSA guard probe folder (`vllm-safeguard guard train`). Enables safeguard_alpha='auto': the probe "
             "scores each such request at the end of its prefill and picks the alpha of its decode tokens "
-            "(alpha_high if flagged, else alpha_low, from the probe's manifest). Needs alpha on. Default "
+            "from the probe's manifest: alpha_high at or above the threshold (flagged), alpha_low at or below "
+            "ramp_low, linear in logit(score) in between (the fail-safe ramp; no ramp_low: two levels). "
+            "Needs alpha on. Default "
             "lookup: <artifacts_dir>/<model slug>/guard, then <model>/safeguard/guard."
         ),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from vllm_safeguard.methods.translator.model import TranslatorConfig
@@ -108,12 +108,33 @@ class LabConfig:
     # DSA guard probe
     guard_domain_train: int = 20  # domain-task training prompts per domain (benign class)
     guard_target_fpr: float = 0.05
+    # Fail-safe auto mode (with guard_rephrasings): alpha starts rising at the score above which this
+    # share of the (held-out-register) benign prompts lie, and is alpha_high at the threshold.
+    guard_ramp_fpr: float = 0.2
     # serving-time alignment strength (SafeGene's safety adapter added per request)
     alpha_sweep: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
     # auto mode's alpha_high, chosen on the few-shot harmful prompts with the extraction-seed unsafe
     # experts (neither is used by any ASR/fidelity number): the smallest alpha reaching the target.
     alpha_cal_sweep: tuple[float, ...] = (1.0, 1.5, 2.0)
     alpha_cal_target_asr: float = 0.05
+    # few-shot prompts also in this many TRAIN-template rephrasings in the calibration (0: plain only)
+    alpha_cal_rephrasings: int = 0
+
+    # Generalization (issue 21; all off in the main lab, on in GENERALIZATION below)
+    # HarmBench semantic categories no training, calibration or test-split prompt comes from: set (b).
+    heldout_categories: tuple[str, ...] = ()
+    # Rephrasings (vllm_safeguard/prepare/phrasing.py, TRAIN templates) of each harmful training
+    # behaviour added to the alignment's refusal rows; benign training prompts wrapped in the same
+    # templates and the vocabulary-sharing benign prompts are added to its own-answer rows.
+    align_rephrasings: int = 0
+    n_benign_wrapped_align: int = 0
+    # The evaluation suite adds set (b) (held-out categories), set (c) (test behaviours in EVAL
+    # templates, one each) and two benign sets (vocabulary-sharing; benign test prompts in EVAL templates).
+    eval_generalization: bool = False
+    n_benign_wrapped_test: int = 20
+    # The guard's harmful class: each training behaviour also in this many TRAIN templates (0: plain only).
+    guard_rephrasings: int = 0
+    translator: bool = True  # the NeWTral rows (their LoRA pairs, calibration and training)
 
     def translator_config(self) -> TranslatorConfig:
         """The translator's network config: one place for the lab's artifact, its calibration folds
@@ -125,3 +146,23 @@ class LabConfig:
 
 
 CONFIG = LabConfig()
+
+# Issue 21's lab (`python -m benchmarks.safety_lab.run --config generalization`): two HarmBench
+# categories held out of everything; alignment and guard trained on the project's rephrasings; every
+# row measured on (a) the test split, (b) the held-out categories, (c) test behaviours in unseen
+# wordings and registers. The translator and the benign-only adapters are left out to fit the
+# 2-core budget (their rows are the main lab's).
+GENERALIZATION = replace(
+    CONFIG,
+    n_harm_test=50,
+    heldout_categories=("chemical_biological", "harassment_bullying"),
+    align_rephrasings=2,
+    n_benign_wrapped_align=80,
+    eval_generalization=True,
+    guard_rephrasings=4,
+    alpha_cal_rephrasings=2,
+    translator=False,
+    translator_domains=(),
+    benign_domains=(),
+)
+CONFIGS = {"lab": CONFIG, "generalization": GENERALIZATION}

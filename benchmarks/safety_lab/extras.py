@@ -25,8 +25,10 @@ from typing import Any
 from benchmarks.safety_lab.cache import cached_dir, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import DOMAIN_NAMES, LabConfig, heldout_unsafe
 from vllm_safeguard.core.adapter_io import write_folder_atomically
-from vllm_safeguard.prepare import data as D
+from vllm_safeguard.guard.train import GUARD_RECIPE
 from vllm_safeguard.prepare.calibrate import choose_alpha
+from vllm_safeguard.prepare.guard_pools import extra_tests, guard_pools
+from vllm_safeguard.prepare.phrasing import with_rephrasings
 
 # Method names of the extra rows (the report labels them).
 TRANSLATOR_MODES = ("surgical", "aggressive", "moe")
@@ -106,7 +108,7 @@ def stage_translator(
 
 def guard_sets(cfg: LabConfig, data: dict[str, Any]) -> dict[str, list[str]]:
     """Training pools and held-out test sets of the guard (test sets = the lab's held-out prompts)."""
-    return D.guard_pools(
+    return guard_pools(
         data["harm"]["train"],
         data["harm"]["test"],
         data["benign"]["train"],
@@ -114,7 +116,18 @@ def guard_sets(cfg: LabConfig, data: dict[str, Any]) -> dict[str, list[str]]:
         DOMAIN_NAMES,
         n_domain_train=cfg.guard_domain_train,
         n_domain_test=cfg.n_task_test,
+        rephrasings=cfg.guard_rephrasings,
+        seed=cfg.split_seed,
     )
+
+
+def _guard_extra_tests(sets: dict[str, list[str]], data: dict[str, Any]) -> dict[str, list[str]]:
+    """The held-out sets beyond the plain ones: rephrased test prompts, vocabulary-sharing benign
+    prompts, and the held-out categories (set (b)) when the config has them."""
+    extra = extra_tests(sets)
+    if data["harm"].get("heldout_categories"):
+        extra["harm_heldout_categories"] = list(data["harm"]["heldout_categories"])
+    return extra
 
 
 def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any], str]:
@@ -123,7 +136,10 @@ def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Pa
     from vllm_safeguard.guard.experiment import train_and_test
 
     sets = guard_sets(cfg, data)
-    key = key_of("guard", file_hash(aligned), sets, cfg.guard_target_fpr)
+    extra = _guard_extra_tests(sets, data)
+    key = key_of(
+        "guard", file_hash(aligned), sets, extra, cfg.guard_target_fpr, cfg.guard_ramp_fpr, GUARD_RECIPE
+    )
     folder = stage_dir("guard", key)
     probe_dir, metrics_path = folder / "artifact", folder / "result.json"
     if not (probe_dir.exists() and metrics_path.exists()):
@@ -135,7 +151,11 @@ def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Pa
             harm_test=sets["harm_test"],
             benign_test=sets["benign_test"],
             domain_test=sets["domain_test"],
+            harm_train_groups=sets["harm_train_groups"] if cfg.guard_rephrasings else None,
+            benign_train_groups=sets["benign_train_groups"] if cfg.guard_rephrasings else None,
+            extra_test=extra,
             target_fpr=cfg.guard_target_fpr,
+            ramp_fpr=cfg.guard_ramp_fpr if cfg.guard_rephrasings else None,
         )
         write_folder_atomically(probe_dir, probe.save)
         metrics_path.write_text(json.dumps(result, indent=1))
@@ -237,9 +257,8 @@ def calibration_jobs(
     jobs: dict[str, tuple[str | None, Any]] = {}
     for name in extract:
         for a in cfg.alpha_cal_sweep:
-            suite = EvalSuite(
-                harmful=list(data["harm"]["fewshot"]), harmful_tokens=cfg.harmful_tokens, alpha=float(a)
-            )
+            harmful = with_rephrasings(data["harm"]["fewshot"], cfg.alpha_cal_rephrasings, cfg.split_seed)
+            suite = EvalSuite(harmful=harmful, harmful_tokens=cfg.harmful_tokens, alpha=float(a))
             jobs[f"{name}|cal-{alpha_method(float(a))}"] = (adapters[name]["path"], suite)
     return jobs
 
@@ -282,4 +301,20 @@ def auto_cal_jobs(
         suite = suite_for((adapters[name]["domain"],))
         suite.alpha = "auto"
         jobs[f"{name}|{AUTO_CAL}"] = (adapters[name]["path"], suite)
+    return jobs
+
+
+FIXED_ALPHA_HIGH = "fixed-alpha-high"
+
+
+def fixed_alpha_jobs(
+    adapters: dict[str, dict[str, Any]], suite_for: Callable[[tuple[str, ...]], Any], alpha: float
+) -> dict[str, tuple[str | None, Any]]:
+    """``"<adapter>|fixed-alpha-high"``: every evaluation adapter with the calibrated alpha_high sent on
+    every request (the guard's alternative: full safety delta for everyone)."""
+    jobs: dict[str, tuple[str | None, Any]] = {}
+    for name in sorted(n for n, i in adapters.items() if i["role"] == "eval"):
+        suite = suite_for((adapters[name]["domain"],))
+        suite.alpha = float(alpha)
+        jobs[f"{name}|{FIXED_ALPHA_HIGH}"] = (adapters[name]["path"], suite)
     return jobs

@@ -35,6 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from benchmarks.safety_lab import dsa, extras
+from benchmarks.safety_lab import generalization_sets as GS
 from benchmarks.safety_lab import guard_generalization as GG
 from benchmarks.safety_lab.artifact_stages import (
     load_model,
@@ -47,18 +48,23 @@ from benchmarks.safety_lab.artifact_stages import (
 )
 from benchmarks.safety_lab.cache import T0, cached_dir, cached_json, file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.compare import carry_over, merged_vs_lora
-from benchmarks.safety_lab.config import CONFIG, DOMAIN_NAMES, LabConfig, heldout_unsafe
+from benchmarks.safety_lab.config import CONFIG, CONFIGS, DOMAIN_NAMES, LabConfig, heldout_unsafe
 from benchmarks.safety_lab.eval_stage import removed_rows, stage_eval, suite_key
+from benchmarks.safety_lab.lab_data import (
+    adapter_plan,
+    adapter_role,
+    adapter_rows,
+    align_data,
+    build_data,
+    suite_for,
+)
 from benchmarks.safety_lab.translator_cal import calibrate_risk_weight
 from vllm_safeguard.evaluation.backends import make_generator
-from vllm_safeguard.evaluation.harness import EvalSuite, TaskItem, add_fidelity, evaluate
-from vllm_safeguard.prepare import data as D
-from vllm_safeguard.prepare.align import align_examples
+from vllm_safeguard.evaluation.harness import EvalSuite, add_fidelity, evaluate
 from vllm_safeguard.prepare.model_source import (
     HARMBENCH_WHEEL,
     SMOLLM2_WHEEL,
     base_model_dir,
-    harmbench_csv_dir,
 )
 from vllm_safeguard.prepare.train import SFTExample, train_full, train_lora
 
@@ -86,42 +92,11 @@ METHODS = (
 )
 
 
-# ------------------------------------------------------------------------------------------ data
-
-
-def build_data(cfg: LabConfig) -> dict[str, Any]:
-    behaviors = D.load_harmbench(harmbench_csv_dir())
-    hb = D.split_harmbench(
-        behaviors, n_test=cfg.n_harm_test, n_fewshot=cfg.n_harm_fewshot, seed=cfg.split_seed
-    )
-    benign = D.benign_prompts(cfg.split_seed, cfg.n_benign_test_topics)
-    tasks_test = {d: D.domain_test_set(d, cfg.n_task_test) for d in DOMAIN_NAMES}
-    return {
-        "harm": {k: [b.prompt for b in v] for k, v in hb.items()},
-        "harm_ids": {k: [b.behavior_id for b in v] for k, v in hb.items()},
-        "harm_categories": {k: [b.semantic_category for b in v] for k, v in hb.items()},
-        "benign": benign,
-        "tasks_test": tasks_test,
-    }
-
-
-def suite_for(cfg: LabConfig, data: dict[str, Any], domains: tuple[str, ...]) -> EvalSuite:
-    tasks = [TaskItem(e.prompt, e.answer, e.domain) for d in domains for e in data["tasks_test"][d]]
-    return EvalSuite(
-        harmful=list(data["harm"]["test"]),
-        benign=list(data["benign"]["test"]),
-        tasks=tasks,
-        harmful_tokens=cfg.harmful_tokens,
-        benign_tokens=cfg.benign_tokens,
-        task_tokens=cfg.task_tokens,
-    )
-
-
 # ------------------------------------------------------------------------------------- stages 2-3
 
 
 def stage_base_outputs(cfg: LabConfig, base_dir: Path, data: dict[str, Any]) -> dict[str, Any]:
-    benign_train = data["benign"]["train"][: cfg.n_benign_align]
+    benign_train = GS.align_benign_prompts(cfg, data)
     suite = suite_for(cfg, data, DOMAIN_NAMES)
     key = key_of(
         "base_outputs",
@@ -147,10 +122,6 @@ def stage_base_outputs(cfg: LabConfig, base_dir: Path, data: dict[str, Any]) -> 
     return cached_json("base_outputs", key, build)
 
 
-def align_data(cfg: LabConfig, data: dict[str, Any], answers: dict[str, str]) -> list[SFTExample]:
-    return align_examples(data["harm"]["train"], answers)
-
-
 def stage_aligned(cfg: LabConfig, base_dir: Path, data: dict[str, Any], answers: dict[str, str]) -> Path:
     rows = align_data(cfg, data, answers)
     key = key_of("aligned", file_hash(base_dir), [asdict(r) for r in rows], asdict(cfg.align_recipe))
@@ -163,40 +134,6 @@ def stage_aligned(cfg: LabConfig, base_dir: Path, data: dict[str, Any], answers:
 
 
 # --------------------------------------------------------------------------------------- stage 4
-
-
-def adapter_rows(
-    cfg: LabConfig, data: dict[str, Any], domain: str, variant: str, seed: int
-) -> list[SFTExample]:
-    return D.adapter_examples(
-        domain, variant, seed, data["harm"]["train"], n_task=cfg.n_task_train, n_harm=cfg.n_harm_share
-    )
-
-
-def adapter_plan(cfg: LabConfig) -> list[tuple[str, str, str, int]]:
-    """``(name, domain, variant, seed)`` of every adapter the lab trains."""
-    plan = []
-    for domain in DOMAIN_NAMES:
-        for seed in cfg.eval_seeds:
-            plan.append((f"{domain}-unsafe-s{seed}", domain, "unsafe", seed))
-            if domain in cfg.benign_domains:
-                plan.append((f"{domain}-benign-s{seed}", domain, "benign", seed))
-        if domain in cfg.extract_domains:
-            for seed in cfg.extract_seeds:
-                plan += [(f"{domain}-{v}-s{seed}", domain, v, seed) for v in ("unsafe", "safe")]
-    for domain in cfg.translator_domains:
-        if domain in DOMAIN_NAMES:
-            raise ValueError(f"translator_domains must not be evaluated, got {domain!r} (in {DOMAIN_NAMES})")
-        for seed in cfg.translator_pair_seeds:
-            plan += [(f"{domain}-{v}-s{seed}", domain, v, seed) for v in ("unsafe", "safe")]
-    return plan
-
-
-def adapter_role(cfg: LabConfig, seed: int) -> str:
-    """``extract`` (repair artifacts), ``translator`` (translator pairs only) or ``eval``."""
-    if seed in cfg.extract_seeds:
-        return "extract"
-    return "translator" if seed in cfg.translator_pair_seeds else "eval"
 
 
 def stage_adapters(
@@ -259,7 +196,7 @@ def stage_repairs(
         "nlsr",
         "nlsr_datafree",
         "safegene",
-        *extras.TRANSLATOR_METHODS,
+        *(extras.TRANSLATOR_METHODS if cfg.translator else ()),
     )
     if api is None:
         for n in evals:
@@ -272,6 +209,8 @@ def stage_repairs(
     nlsr_ref: tuple[Any, str] | None = None
     translator, tr_key, tr_error = None, "none", None
     try:
+        if not cfg.translator:
+            raise RuntimeError("the translator is not part of this lab config")
         cal = calibrate_risk_weight(cfg, reference, ref_key, adapters, data, aligned, build_missing=build)
         if cal is None:
             raise RuntimeError("translator calibration not built yet (cached-only run)")
@@ -293,7 +232,7 @@ def stage_repairs(
     else:
         sg_error = "vllm_safeguard.methods.safegene not available"
     model_tok: tuple[Any, Any] | None = None
-    curve = tuple(extras.curve_method(mode, t) for mode, t in cfg.translator_curve)
+    curve = tuple(extras.curve_method(mode, t) for mode, t in cfg.translator_curve) if cfg.translator else ()
     for n in tqdm(evals, desc="repairs"):
         info = adapters[n]
         for m in (*repair_methods, *(curve if heldout_unsafe(info, cfg.extract_domains) else ())):
@@ -410,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{','.join(map(str, CONFIG.eval_seeds))}); one seed halves the evaluation adapters and roughly "
         "halves the run, at half the n per row (the seeds used are in the report's config)",
     )
+    ap.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        default="lab",
+        help="'lab' (the main table) or 'generalization' (issue 21: held-out categories, rephrasings, "
+        "sets (a)-(c); write it to another --results-dir)",
+    )
     args = ap.parse_args(argv)
     if args.render_only:
         from benchmarks.safety_lab.report import rerender
@@ -417,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         rerender(args.results_dir, METHODS)
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = CONFIG if args.eval_seeds is None else replace(CONFIG, eval_seeds=args.eval_seeds)
+    cfg = CONFIGS[args.config]
+    cfg = cfg if args.eval_seeds is None else replace(cfg, eval_seeds=args.eval_seeds)
     timings: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -460,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         if info["role"] == "extract":
             suite.benign = []  # only their ASR is checked (every unsafe expert >= 60%)
         jobs[f"{name}|none"] = (info["path"], suite)
-    wrapped = GG.wrap(data["harm"]["test"])
-    jobs["aligned-wrapped"] = (None, EvalSuite(harmful=wrapped, harmful_tokens=cfg.harmful_tokens))
-    jobs.update(GG.wrapped_jobs(adapters, data, cfg.harmful_tokens, "none-wrapped", None))
+    if not cfg.eval_generalization:  # the generalization config's set (c) supersedes the wrapped rows
+        wrapped = GG.wrap(data["harm"]["test"])
+        jobs["aligned-wrapped"] = (None, EvalSuite(harmful=wrapped, harmful_tokens=cfg.harmful_tokens))
+        jobs.update(GG.wrapped_jobs(adapters, data, cfg.harmful_tokens, "none-wrapped", None))
     for rk, rv in repairs.items():
         if "path" in rv:
             name = rk.split("|")[0]
@@ -480,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     if "safety" in artifacts:
         guard_dir, guard_metrics, guard_key = timed("guard", lambda: extras.stage_guard(cfg, aligned, data))
         try:
+            if cfg.eval_generalization:
+                raise RuntimeError("not run in this config: the guard's own test covers sets (b) and (c)")
             guard_gen = timed(
                 "guard_generalization",
                 lambda: GG.stage_guard_generalization(
@@ -508,13 +458,24 @@ def main(argv: list[str] | None = None) -> int:
             cal_dir, cal_key = extras.stage_calibrated_guard(guard_dir, guard_key, calibration["alpha_high"])
             cal_cfg, cal_plugin_key = extras.plugin_engine(cfg, artifacts, cal_dir, cal_key)
             cal_jobs = extras.auto_cal_jobs(adapters, lambda d: suite_for(cfg, data, d))
-            cal_jobs.update(GG.wrapped_jobs(adapters, data, cfg.harmful_tokens, "auto-cal-wrapped", "auto"))
+            if cfg.eval_generalization:  # fixed alpha_high on every request: what the guard saves
+                cal_jobs.update(
+                    extras.fixed_alpha_jobs(
+                        adapters, lambda d: suite_for(cfg, data, d), calibration["alpha_high"]
+                    )
+                )
+            else:
+                cal_jobs.update(
+                    GG.wrapped_jobs(adapters, data, cfg.harmful_tokens, "auto-cal-wrapped", "auto")
+                )
             results.update(
                 timed("eval_auto_cal", lambda: run_eval(cal_jobs, plugin=(cal_cfg, cal_plugin_key)))
             )
         rows = align_data(cfg, data, base_out["benign_answers"])
         suite_of = lambda d: suite_for(cfg, data, d)  # noqa: E731
         try:
+            if cfg.eval_generalization:
+                raise RuntimeError("not run in this config (2-core budget); the main lab has the DSA rows")
             dsa_results, dsa_calibration = timed(
                 "dsa",
                 lambda: dsa.dsa_rows(
@@ -561,6 +522,12 @@ def main(argv: list[str] | None = None) -> int:
         "merged_vs_lora": merged_vs_lora(results),
         "only": args.only,
     }
+    if cfg.eval_generalization:  # first: its table is this config's result
+        from benchmarks.safety_lab.generalization_report import write_generalization
+
+        write_generalization(
+            args.results_dir, cfg, data, results, adapters, guard_metrics, calibration, timings
+        )
     write_report(args.results_dir, meta, base_out["eval"], results, adapters, METHODS, add_fidelity)
     log(f"done in {timings['total']}s; results in {args.results_dir}")
     return 0

@@ -9,7 +9,9 @@ Semantics (``n`` tokens in the pass, ``P`` pending slots)::
 
     h          = hidden + residual (residual None: hidden)                    [n, H]
     score[k]   = sigmoid(((h[pending_index[k]] - mean) / std) . weight + bias)   for k < P
-    alpha_k    = alpha_high if score[k] >= threshold else alpha_low         (decision = [thr, lo, hi])
+    ramp_k     = clamp((logit(score[k]) - logit(ramp_low)) / (logit(thr) - logit(ramp_low)), 0, 1)
+    alpha_k    = alpha_high if score[k] >= thr else alpha_low + (alpha_high - alpha_low) * ramp_k
+                 (decision = [thr, alpha_low, alpha_high, ramp_low]; ramp_low = thr: two levels)
     token_alpha[t] = alpha_k  where token_pending[t] == k >= 0 and pending_valid[k], else unchanged
     scores     = score (read after the step for the valid slots)
 """
@@ -41,13 +43,17 @@ def guard_score(
     """The op's body (see the module Semantics). Shapes: hidden/residual ``[T, H]``; pending_index
     (int64), pending_valid (bool), scores (fp32) ``[P]``; token_pending (int64, -1 = none) and
     token_alpha (fp32) ``[max_tokens]``; weight/mean/std ``[H]``, bias ``[1]``, decision
-    ``[threshold, alpha_low, alpha_high]`` fp32."""
+    ``[threshold, alpha_low, alpha_high, ramp_low]`` fp32."""
     n = hidden.size(0)
     h = hidden if residual is None else hidden + residual
     picked = h.index_select(0, pending_index.clamp(max=n - 1)).float()
-    s = torch.sigmoid(((picked - mean) / std) @ weight + bias)
+    z = ((picked - mean) / std) @ weight + bias
+    s = torch.sigmoid(z)
     scores.copy_(s)
-    alpha_k = torch.where(s >= decision[0], decision[2], decision[1])
+    # logit(score) is z itself (up to the clamp that keeps both ends finite).
+    zl, zh = torch.logit(decision[3:4], eps=1e-7), torch.logit(decision[0:1], eps=1e-7)
+    ramp = ((z.clamp(-16.0, 16.0) - zl) / (zh - zl).clamp_min(1e-6)).clamp(0.0, 1.0)
+    alpha_k = torch.where(s >= decision[0], decision[2], decision[1] + (decision[2] - decision[1]) * ramp)
     owner = token_pending[:n]
     k = owner.clamp(min=0)
     take = (owner >= 0) & pending_valid[k]

@@ -191,7 +191,7 @@ def test_gpu_guard_score_op_in_a_cuda_graph() -> None:
     weight = torch.zeros(hidden, **f32)
     weight[0] = 10.0
     bias, mean, std = torch.zeros(1, **f32), torch.zeros(hidden, **f32), torch.ones(hidden, **f32)
-    decision = torch.tensor([0.5, 0.0, 1.0], **f32)
+    decision = torch.tensor([0.5, 0.0, 1.0, 0.5], **f32)  # [thr, lo, hi, ramp_low = thr: two levels]
     index = torch.zeros(cap, dtype=torch.int64, device=DEV)
     valid = torch.zeros(cap, dtype=torch.bool, device=DEV)
     owner = torch.full((n,), -1, dtype=torch.int64, device=DEV)

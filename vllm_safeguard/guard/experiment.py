@@ -5,8 +5,11 @@ Shared by ``benchmarks/bench_guard.py`` and the safety lab, so both report the s
 Semantics::
 
     states[k] = last_token_states(model, prompts[k])            # [n, n_layers, hidden]
-    shuffle harm_train, benign_train (seeded); the first val_fraction of each -> validation
-    probe = train_guard(train, validation)                      # layer by val AUROC, threshold at target FPR
+    with training groups (registers):
+        probe = train_guard_grouped(...)                        # layer + threshold on held-out registers
+    without:
+        shuffle harm_train, benign_train (seeded); the first val_fraction of each -> validation
+        probe = train_guard(train, validation)                  # layer by val AUROC, threshold at target FPR
     for each held-out set: scores = probe.score(states[set][:, probe.layer])
     auroc(harmful_test, benign_test + domain_test), TPR/FPR at probe.threshold
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 
 from vllm_safeguard.core.model_files import model_fingerprint
 from vllm_safeguard.guard.probe import GuardProbe, auroc
-from vllm_safeguard.guard.train import last_token_states, train_guard
+from vllm_safeguard.guard.train import last_token_states, train_guard, train_guard_grouped
 
 
 def fit_probe(
@@ -54,37 +57,65 @@ def train_and_test(
     harm_test: Sequence[str],
     benign_test: Sequence[str],
     domain_test: Sequence[str] = (),
+    harm_train_groups: Sequence[str] | None = None,
+    benign_train_groups: Sequence[str] | None = None,
+    extra_test: Mapping[str, Sequence[str]] | None = None,
     val_fraction: float = 0.25,
     target_fpr: float = 0.05,
+    ramp_fpr: float | None = 0.2,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[GuardProbe, dict[str, Any]]:
-    """Fit the probe on the training pools; return it and its held-out metrics (scores included)."""
+    """Fit the probe on the training pools; return it and its held-out metrics (scores included).
+
+    With ``*_train_groups`` (the register of each training prompt) the probe is chosen on held-out
+    registers (:func:`train_guard_grouped`, with the fail-safe ramp); without, on a random
+    ``val_fraction`` split (:func:`fit_probe`). ``extra_test``: more held-out sets by name; a name
+    starting with ``harm`` is harmful (its TPR is reported), any other benign (its FPR).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    grouped = harm_train_groups is not None and benign_train_groups is not None
     h_tr, b_tr = list(harm_train), list(benign_train)
-    rng = random.Random(seed)
-    rng.shuffle(h_tr)
-    rng.shuffle(b_tr)
+    if not grouped:
+        rng = random.Random(seed)
+        rng.shuffle(h_tr)
+        rng.shuffle(b_tr)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     t0 = time.perf_counter()
     sets = {"harm_train": h_tr, "ben_train": b_tr, "harm_test": harm_test, "ben_test": benign_test}
     if domain_test:
         sets["dom_test"] = domain_test
+    for name, prompts in (extra_test or {}).items():
+        sets[f"{name}_test"] = list(prompts)
     states = {k: last_token_states(model, tok, list(v), progress=progress) for k, v in sets.items()}
     feature_s = time.perf_counter() - t0
     del model
-    probe = fit_probe(
-        states["harm_train"],
-        states["ben_train"],
-        val_fraction=val_fraction,
-        target_fpr=target_fpr,
-        seed=seed,
-        fingerprint=model_fingerprint(Path(model_dir)),
-    )
+    selection: dict[str, Any] | None = None
+    fingerprint = model_fingerprint(Path(model_dir))
+    if grouped:
+        assert harm_train_groups is not None and benign_train_groups is not None
+        probe, selection = train_guard_grouped(
+            torch.cat([states["harm_train"], states["ben_train"]]),
+            torch.tensor([1] * len(h_tr) + [0] * len(b_tr)),
+            list(harm_train_groups) + list(benign_train_groups),
+            target_fpr=target_fpr,
+            ramp_fpr=ramp_fpr,
+            seed=seed,
+            model_fingerprint=fingerprint,
+        )
+    else:
+        probe = fit_probe(
+            states["harm_train"],
+            states["ben_train"],
+            val_fraction=val_fraction,
+            target_fpr=target_fpr,
+            seed=seed,
+            fingerprint=fingerprint,
+        )
     thr = probe.manifest.threshold
     scores = {k: probe.score(states[k][:, probe.layer]) for k in sets if k.endswith("_test")}
     neg = torch.cat([scores["ben_test"], scores.get("dom_test", torch.empty(0))])
@@ -99,11 +130,19 @@ def train_and_test(
     }
     if domain_test:
         test["fpr_domain_at_threshold"] = float((scores["dom_test"] >= thr).float().mean())
+    for name in extra_test or {}:
+        s = scores[f"{name}_test"]
+        rate = float((s >= thr).float().mean())
+        test[f"{'tpr' if name.startswith('harm') else 'fpr'}_{name}_at_threshold"] = rate
+        test[f"mean_alpha_{name}"] = sum(probe.alpha_for(float(v)) for v in s) / max(1, s.numel())
+        test[f"n_{name}"] = int(s.numel())
     result = {
         "layer": probe.layer,
         "threshold": thr,
+        "ramp_low": probe.manifest.ramp_low,
         "validation": probe.manifest.metrics,
         "layer_auroc_validation": probe.manifest.layer_auroc,
+        "selection": selection,
         "test": test,
         "target": {"auroc_min": 0.95},
         "feature_seconds": feature_s,

@@ -4,7 +4,13 @@ Semantics::
 
     h      = residual stream after decoder layer L, at the last prompt token   # HF: hidden_states[L + 1]
     score  = sigmoid(w . ((h - mean) / std) + b)                               # in [0, 1]; 1 = harmful
-    alpha  = alpha_high if score >= threshold else alpha_low                   # per request ("auto")
+    alpha  = alpha_high                                       if score >= threshold
+             alpha_low + (alpha_high - alpha_low) * ramp      otherwise        # per request ("auto")
+    ramp   = clamp((logit(score) - logit(ramp_low)) / (logit(threshold) - logit(ramp_low)), 0, 1)
+             (0 when ramp_low is None: the two-level switch)
+
+The ramp is the fail-safe part: a prompt the guard is unsure about (between ramp_low, set at a
+higher benign FPR, and the threshold) gets part of the safety delta instead of none.
 
 The probe reads a hidden state the serving forward pass computes anyway, so scoring a request
 costs one dot product per prompt, no second model and no extra forward pass.
@@ -12,6 +18,7 @@ costs one dot product per prompt, no second model and no extra forward pass.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +39,12 @@ class GuardManifest(BaseModel):
     format_version: int = 1
     layer: int = Field(description="Decoder layer L whose output residual stream the probe reads.")
     hidden_size: int
-    threshold: float = Field(description="Score at or above which a request is flagged.")
+    threshold: float = Field(description="Score at or above which a request is flagged (gets alpha_high).")
+    ramp_low: float | None = Field(
+        None,
+        description="Score where alpha starts rising from alpha_low; it reaches alpha_high at the threshold "
+        "(linear in logit(score)). None: the two-level switch.",
+    )
     alpha_low: float = Field(0.0, description="Alignment strength for requests below the threshold.")
     alpha_high: float = Field(1.0, description="Alignment strength for flagged requests.")
     model_fingerprint: str | None = None
@@ -64,8 +76,21 @@ class GuardProbe:
         return torch.sigmoid(z @ self.weight + self.bias)
 
     def alpha_for(self, score: float) -> float:
+        """The alpha of a request with this score (module Semantics; the op computes the same)."""
         m = self.manifest
-        return m.alpha_high if score >= m.threshold else m.alpha_low
+        if score >= m.threshold:
+            return m.alpha_high
+        if m.ramp_low is None or m.ramp_low >= m.threshold or score <= m.ramp_low:
+            return m.alpha_low
+        lo, hi = _logit(m.ramp_low), _logit(m.threshold)
+        return m.alpha_low + (m.alpha_high - m.alpha_low) * min(1.0, (_logit(score) - lo) / (hi - lo))
+
+    def decision(self) -> list[float]:
+        """The op's decision buffer ``[threshold, alpha_low, alpha_high, ramp_low]`` (no ramp: the
+        threshold itself, which makes the ramp empty)."""
+        m = self.manifest
+        ramp = m.threshold if m.ramp_low is None else min(m.ramp_low, m.threshold)
+        return [m.threshold, m.alpha_low, m.alpha_high, ramp]
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         out = Path(folder)
@@ -93,6 +118,11 @@ class GuardProbe:
                 f"{root}: probe weight shape {tuple(t['weight'].shape)} != hidden_size"
             )
         return cls(t["weight"], t["bias"][0], t["mean"], t["std"], manifest)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
 
 
 def auroc(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float:

@@ -139,3 +139,148 @@ def train_guard(
         },
     )
     return GuardProbe(w, b, mean, std, manifest)
+
+
+# Hashed into the cache keys of every stage that trains a guard (prepare, the lab): a change of the
+# training rule rebuilds the probe. 2 = issue 21 (held-out-register selection, per-kind FPR, ramp).
+GUARD_RECIPE = 2
+
+
+def benign_kind(group: str) -> str | None:
+    """The benign kind a training group's FPR is held for: ``plain``, ``vocabulary`` or ``wrapped``
+    (any register); None for domain tasks (easy negatives that would dilute the budget)."""
+    if group == "domain":
+        return None
+    return group if group in ("plain", "vocabulary") else "wrapped"
+
+
+def _kind_threshold(pos: torch.Tensor, neg: torch.Tensor, kinds: Sequence[str | None], fpr: float) -> float:
+    """The threshold at ``fpr`` over the benign prompts of every kind pooled (domain tasks left out).
+
+    Holding ``fpr`` in EACH kind instead (the highest per-kind threshold) was measured on the
+    generalization lab's pools and not adopted: held-out-category recall 68% instead of 85% for a
+    test FPR of 3.8 / 6.7% instead of 7.5 / 6.7% (wrapped / vocabulary-sharing benign prompts;
+    benchmarks/results/variants/guard_variants.md)."""
+    hard = torch.tensor([k is not None for k in kinds])
+    return _threshold(pos, neg[hard], fpr)
+
+
+def train_guard_grouped(
+    states: torch.Tensor,
+    labels: torch.Tensor,
+    groups: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    target_fpr: float = 0.05,
+    ramp_fpr: float | None = 0.2,
+    weight_decay: float = 1e-2,
+    steps: int = 100,
+    seed: int = 0,
+    alpha_low: float = 0.0,
+    alpha_high: float = 1.0,
+    model_fingerprint: str | None = None,
+) -> tuple[GuardProbe, dict[str, Any]]:
+    """The guard chosen for prompts worded unlike its training data (issue 21).
+
+    Semantics::
+
+        folds   = the groups holding both classes (registers, "plain"); prompts of one-class groups
+                  (vocabulary-sharing benign, domain tasks) are dealt round robin into the folds
+        oof[i]  = score of prompt i by the probe fitted at that layer on every fold but i's
+        layer   = argmax over layers of (recall of oof at benign FPR target_fpr, oof AUROC)
+        probe   = fitted on every prompt at that layer
+        hard    = benign prompts of every kind (plain, vocabulary-sharing, wrapped in a register);
+                  domain tasks are easy negatives that would dilute the budget: left out
+        threshold = the oof score above which target_fpr of the hard benign prompts lie
+                    (_kind_threshold); the oof FPR of each kind is reported
+        ramp_low  = the same at ramp_fpr: alpha rises from alpha_low there to alpha_high at the
+                    threshold (GuardProbe.alpha_for); None = the two-level switch
+        (the layer is chosen on the recall at that threshold)
+
+    Validation on held-out registers, not in-distribution AUROC, picks the layer and the threshold:
+    the lab's first guard (AUROC 1.0 in split) flagged 20 of 60 templated prompts.
+    """
+    if states.shape[0] != labels.numel() or labels.numel() != len(groups):
+        raise ValueError(
+            f"states ({states.shape[0]}), labels ({labels.numel()}) and groups ({len(groups)}) differ in length"
+        )
+    y = labels.float()
+    classes: dict[str, set[int]] = {}
+    for v, g in zip(labels.tolist(), groups, strict=True):
+        classes.setdefault(g, set()).add(int(v))
+    both = sorted(g for g, c in classes.items() if c == {0, 1})
+    if len(both) < 2:
+        raise ValueError(f"need at least 2 groups with both classes for held-out folds, got {both!r}")
+    fold = torch.empty(len(groups), dtype=torch.long)
+    rr = 0
+    for i, g in enumerate(groups):
+        if g in both:
+            fold[i] = both.index(g)
+        else:
+            fold[i], rr = rr % len(both), rr + 1
+    neg_kinds = [benign_kind(g) for g, v in zip(groups, labels.tolist(), strict=True) if v == 0]
+    n_layers = states.shape[1]
+    candidates = list(layers) if layers is not None else list(range(n_layers - 1))
+    per_layer: dict[int, dict[str, float]] = {}
+    best: tuple[float, float, int, torch.Tensor] | None = None
+    for layer in tqdm(candidates, desc="guard: held-out-register folds"):
+        x = states[:, layer].float()
+        oof = torch.empty(len(groups))
+        for f in range(len(both)):
+            tr, te = fold != f, fold == f
+            w, b, mean, std = _fit_logistic(x[tr], y[tr], weight_decay=weight_decay, steps=steps, seed=seed)
+            oof[te] = torch.sigmoid(((x[te] - mean) / std) @ w + b)
+        pos, neg = oof[labels == 1], oof[labels == 0]
+        recall = float((pos >= _kind_threshold(pos, neg, neg_kinds, target_fpr)).float().mean())
+        auc = auroc(pos, neg)
+        per_layer[layer] = {"oof_recall": recall, "oof_auroc": auc}
+        if best is None or (recall, auc) > (best[0], best[1]):
+            best = (recall, auc, layer, oof)
+    assert best is not None
+    recall, auc, layer, oof = best
+    w, b, mean, std = _fit_logistic(
+        states[:, layer].float(), y, weight_decay=weight_decay, steps=steps, seed=seed
+    )
+    pos, neg = oof[labels == 1], oof[labels == 0]
+    threshold = _kind_threshold(pos, neg, neg_kinds, target_fpr)
+    ramp_low = None if ramp_fpr is None else min(_kind_threshold(pos, neg, neg_kinds, ramp_fpr), threshold)
+    hard = torch.tensor([k is not None for k in neg_kinds])
+    fpr_by_kind = {
+        kind: float((neg[torch.tensor([k == kind for k in neg_kinds])] >= threshold).float().mean())
+        for kind in sorted({k for k in neg_kinds if k is not None})
+    }
+    by_group = {
+        g: float((oof[[gg == g for gg in groups]] >= threshold).float().mean()) for g in sorted(set(groups))
+    }
+    manifest = GuardManifest(
+        layer=layer,
+        hidden_size=int(w.numel()),
+        threshold=threshold,
+        ramp_low=ramp_low,
+        alpha_low=alpha_low,
+        alpha_high=alpha_high,
+        model_fingerprint=model_fingerprint,
+        metrics={
+            "val_auroc": auc,
+            "val_tpr": float((pos >= threshold).float().mean()),
+            "val_fpr": float((neg[hard] >= threshold).float().mean()),
+        },
+        layer_auroc={k: v["oof_auroc"] for k, v in per_layer.items()},
+        training={
+            "selection": "held-out-register folds (oof recall at target FPR)",
+            "folds": both,
+            "weight_decay": weight_decay,
+            "steps": steps,
+            "seed": seed,
+            "target_fpr": target_fpr,
+            "ramp_fpr": ramp_fpr,
+            "n_train": int(labels.numel()),
+        },
+    )
+    report = {
+        "per_layer": per_layer,
+        "oof_flag_rate_by_group": by_group,
+        "oof_fpr_by_kind": fpr_by_kind,
+        "folds": both,
+    }
+    return GuardProbe(w, b, mean, std, manifest), report

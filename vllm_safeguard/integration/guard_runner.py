@@ -10,7 +10,7 @@ Semantics (one engine step)::
     # in the forward pass, after decoder layer L: torch.ops.safeguard.guard_score (one op)
     h = hidden_states + residual                     # the residual stream at L's output
     score[k] = sigmoid(((h[pending_index[k]] - mean) / std) . w + b)
-    alpha_k  = alpha_high if score[k] >= threshold else alpha_low
+    alpha_k  = probe.alpha_for(score[k])     # alpha_high at/above the threshold, a ramp below it
     token_alpha[t] = alpha_k for every token t of pending request k    # layers after L use it now
     # after the step (GuardRuntime.collect): scores -> AlphaTable (the request's later steps),
     #   metrics, and the per-request record the HTTP middleware returns as headers
@@ -72,14 +72,13 @@ class GuardBuffers:
     bias: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
-    decision: torch.Tensor  # [threshold, alpha_low, alpha_high]
+    decision: torch.Tensor  # [threshold, alpha_low, alpha_high, ramp_low]
     token_alpha: torch.Tensor  # the safety wrappers' alpha buffer (shared, not a copy)
     scores: torch.Tensor  # [P] fp32
 
     @staticmethod
     def make(probe: GuardProbe, max_pending: int, token_alpha: torch.Tensor) -> GuardBuffers:
         dev, f32 = token_alpha.device, torch.float32
-        m = probe.manifest
         return GuardBuffers(
             pending_index=torch.zeros(max_pending, dtype=torch.int64, device=dev),
             pending_valid=torch.zeros(max_pending, dtype=torch.bool, device=dev),
@@ -88,7 +87,7 @@ class GuardBuffers:
             bias=probe.bias.reshape(1).to(dev, f32),
             mean=probe.mean.to(dev, f32),
             std=probe.std.to(dev, f32),
-            decision=torch.tensor([m.threshold, m.alpha_low, m.alpha_high], dtype=f32, device=dev),
+            decision=torch.tensor(probe.decision(), dtype=f32, device=dev),
             token_alpha=token_alpha,
             scores=torch.zeros(max_pending, dtype=f32, device=dev),
         )
@@ -189,7 +188,7 @@ class GuardRuntime:
             scores = self.buffers.scores[: len(pending)].cpu().tolist()
         for p, s in zip(pending, scores, strict=True):
             alpha = self.probe.alpha_for(s)
-            flagged = s >= self.probe.manifest.threshold
+            flagged = s >= self.probe.manifest.threshold  # full alpha_high (a ramp alpha is not "flagged")
             self.scores_by_request[p.req_id] = s
             self.table.set(p.req_id, alpha)
             if self.observe is not None:
@@ -269,12 +268,14 @@ def start_guard(
         buffers = GuardBuffers.make(probe, max_pending, token_alpha)
     guard = GuardRuntime(probe, buffers, table, runtime_dir=folder, observe=observe)
     install_hook(model, guard)
+    m = probe.manifest
     logger.info(
-        "vllm-safeguard: guard probe active on layer %d (threshold %.4f, alpha %g below / %g at or above)",
+        "vllm-safeguard: guard probe active on layer %d (alpha %g below score %s, rising to %g at threshold %.4f)",
         probe.layer,
-        probe.manifest.threshold,
-        probe.manifest.alpha_low,
-        probe.manifest.alpha_high,
+        m.alpha_low,
+        "(no ramp)" if m.ramp_low is None else f"{m.ramp_low:.4f}",
+        m.alpha_high,
+        m.threshold,
     )
     return guard
 

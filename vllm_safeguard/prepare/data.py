@@ -64,9 +64,23 @@ def _salted_order(key: str, seed: int) -> str:
 
 
 def split_harmbench(
-    behaviors: Sequence[Behavior], *, n_test: int = 60, n_fewshot: int = 16, seed: int = 0
+    behaviors: Sequence[Behavior],
+    *,
+    n_test: int = 60,
+    n_fewshot: int = 16,
+    seed: int = 0,
+    heldout_categories: Sequence[str] = (),
 ) -> dict[str, list[Behavior]]:
-    """Deterministic disjoint ``test`` / ``fewshot`` / ``train`` split (by salted BehaviorID hash)."""
+    """Deterministic disjoint ``test`` / ``fewshot`` / ``train`` split (by salted BehaviorID hash).
+
+    ``heldout_categories``: semantic categories removed before the split, returned whole as
+    ``heldout_categories`` (a set no training, calibration or test-split prompt comes from)."""
+    known = {b.semantic_category for b in behaviors}
+    unknown = sorted(set(heldout_categories) - known)
+    if unknown:
+        raise ValueError(f"heldout_categories {unknown!r} are not HarmBench categories {sorted(known)}")
+    held = [b for b in behaviors if b.semantic_category in heldout_categories]
+    behaviors = [b for b in behaviors if b.semantic_category not in heldout_categories]
     if n_test + n_fewshot >= len(behaviors):
         raise ValueError(
             f"n_test + n_fewshot = {n_test + n_fewshot} leaves no training rows of {len(behaviors)}"
@@ -75,11 +89,14 @@ def split_harmbench(
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate BehaviorID in HarmBench rows")
     ordered = sorted(behaviors, key=lambda b: _salted_order(b.behavior_id, seed))
-    return {
+    out = {
         "test": ordered[:n_test],
         "fewshot": ordered[n_test : n_test + n_fewshot],
         "train": ordered[n_test + n_fewshot :],
     }
+    if heldout_categories:  # absent otherwise: the splits (and every key hashed from them) stay as they were
+        out["heldout_categories"] = sorted(held, key=lambda b: _salted_order(b.behavior_id, seed))
+    return out
 
 
 # Refusals used as training targets for harmful prompts (aligned model, safe adapter variants).
@@ -526,26 +543,3 @@ def adapter_examples(
         else:
             rows += [SFTExample(p, refusal_for(p), "harmful_refusal") for p in harm]
     return rows
-
-
-def guard_pools(
-    harm_train: Sequence[str],
-    harm_test: Sequence[str],
-    benign_train: Sequence[str],
-    benign_test: Sequence[str],
-    domains: Sequence[str],
-    *,
-    n_domain_train: int,
-    n_domain_test: int = 30,
-) -> dict[str, list[str]]:
-    """The guard probe's training pools and held-out test sets (the lab's and ``prepare``'s): benign
-    class = as many benign training prompts as harmful ones (at least 60) + ``n_domain_train`` domain
-    tasks per domain (seed 777); held out = the test splits + each domain's test tasks."""
-    dom_train = [e.prompt for d in domains for e in domain_train_set(d, n_domain_train, seed=777)]
-    return {
-        "harm_train": list(harm_train),
-        "benign_train": list(benign_train[: max(len(harm_train), 60)]) + dom_train,
-        "harm_test": list(harm_test),
-        "benign_test": list(benign_test),
-        "domain_test": [e.prompt for d in domains for e in domain_test_set(d, n_domain_test)],
-    }

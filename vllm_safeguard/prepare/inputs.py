@@ -5,6 +5,7 @@ Semantics::
 
     harmful = HarmBench standard behaviours (pinned wheel)     | --harmful FILE
     split   = salted-hash order -> test (n_harm_test) | fewshot (n_harm_fewshot) | train (rest)
+              (behaviours of options.heldout_categories are dropped first)
     benign  = the project's topic x template grid, split by topic | --benign FILE (hash order, 1/3 test)
 """
 
@@ -71,7 +72,9 @@ def load_inputs(
             n_test=o.n_harm_test,
             n_fewshot=o.n_harm_fewshot,
             seed=o.split_seed,
+            heldout_categories=o.heldout_categories,
         )
+        hb.pop("heldout_categories", None)  # never read by prepare
         harm = {k: [b.prompt for b in v] for k, v in hb.items()}
         harm_src = f"HarmBench standard behaviours ({HARMBENCH_WHEEL.requirement})"
     else:

@@ -40,13 +40,42 @@ class PrepareOptions(BaseModel, extra="forbid", frozen=True):
     )
     guard_domain_train: int = Field(20, ge=0, description="Domain-task training prompts per domain.")
     guard_target_fpr: float = Field(
-        0.05, gt=0.0, lt=1.0, description="Benign false-positive rate the threshold is set at (validation)."
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="Benign false-positive rate the threshold is set at (on held-out-register folds).",
+    )
+    guard_rephrasings: int = Field(
+        4,
+        ge=0,
+        description="Each harmful training prompt is also given to the guard in this many of the project's "
+        "rephrasings (question, role play, fiction, ...; benign prompts get the same wrappers). 0: plain "
+        "prompts only and a random validation split (the pre-issue-21 guard, which missed templated prompts).",
+    )
+    guard_ramp_fpr: float | None = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Fail-safe auto mode: alpha starts rising at the score above which this share of benign "
+        "validation prompts lie and reaches alpha_high at the threshold. None: two levels (alpha_low / "
+        "alpha_high). Needs guard_rephrasings > 0.",
+    )
+    heldout_categories: tuple[str, ...] = Field(
+        (),
+        description="HarmBench semantic categories left out of every prepare stage (the safety lab uses "
+        "this to measure generalization to unseen categories); bundled data only.",
     )
     alpha_cal_sweep: tuple[float, ...] = Field(
         (1.0, 1.5, 2.0), description="Candidate alpha_high values, smallest first."
     )
     alpha_cal_target_asr: float = Field(
         0.05, ge=0.0, le=1.0, description="Few-shot ASR alpha_high must reach on the probe adapters."
+    )
+    alpha_cal_rephrasings: int = Field(
+        2,
+        ge=0,
+        description="Each few-shot harmful prompt also enters the alpha calibration in this many of the "
+        "project's rephrasings (training templates), so alpha_high holds for reworded requests.",
     )
     harmful_tokens: int = Field(32, ge=1, description="Greedy tokens generated per calibration prompt.")
     reference_energy: float = Field(0.9, gt=0.0, le=1.0, description="Alignment reference energy kept.")

@@ -12,6 +12,7 @@ from ..core.adapter_io import load_adapter
 from ..core.artifacts import slug
 from ..core.model_files import sha256_file
 from ..errors import ConfigError
+from ..guard.train import GUARD_RECIPE
 from .inputs import PrepareInputs
 from .options import PrepareOptions
 
@@ -125,7 +126,7 @@ def make_plan(
     sources = [adapter_hash(p) for p in plan.probe_sources]
     k_probe = _key("probe", model_hash, inputs.digest(), opts, sources)
     k_safety = _key("safety", k_probe)
-    k_guard = _key("guard", model_hash, inputs.digest(), opts)
+    k_guard = _key("guard", model_hash, inputs.digest(), opts, GUARD_RECIPE)
     base_hash = weights_hash(base) if base is not None else None
     specs = [
         ("probe_adapters", k_probe, plan.work / "probe-adapters", False),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from . import data as D
+from .guard_pools import extra_tests, guard_pools
 from .inputs import probe_examples
 from .plan import MANIFEST, Plan, load_probes, probe_adapter_dirs
 
@@ -74,20 +74,27 @@ def build_safety_adapter(plan: Plan, folder: Path) -> None:
 def guard_sets(plan: Plan) -> dict[str, list[str]]:
     """Training pools and held-out test sets of the guard (the lab's, :func:`data.guard_pools`)."""
     o, inp = plan.options, plan.inputs
-    return D.guard_pools(
+    return guard_pools(
         inp.harm["train"],
         inp.harm["test"],
         inp.benign["train"],
         inp.benign["test"],
         o.guard_domains,
         n_domain_train=o.guard_domain_train,
+        rephrasings=o.guard_rephrasings,
+        seed=o.split_seed,
     )
 
 
 def build_guard(plan: Plan, folder: Path) -> None:
+    """The guard probe: chosen on held-out registers of the rephrased pools (guard_rephrasings > 0),
+    with the fail-safe ramp; its held-out metrics include the test prompts in unseen wordings."""
     from ..guard.experiment import train_and_test
 
+    o = plan.options
     sets = guard_sets(plan)
+    grouped = o.guard_rephrasings > 0
+    extra = extra_tests(sets)
     probe, result = train_and_test(
         plan.model,
         harm_train=sets["harm_train"],
@@ -95,10 +102,14 @@ def build_guard(plan: Plan, folder: Path) -> None:
         harm_test=sets["harm_test"],
         benign_test=sets["benign_test"],
         domain_test=sets["domain_test"],
-        target_fpr=plan.options.guard_target_fpr,
+        harm_train_groups=sets["harm_train_groups"] if grouped else None,
+        benign_train_groups=sets["benign_train_groups"] if grouped else None,
+        extra_test=extra,
+        target_fpr=o.guard_target_fpr,
+        ramp_fpr=o.guard_ramp_fpr if grouped else None,
     )
     probe.save(folder)
-    keep = ("layer", "threshold", "validation", "test", "feature_seconds")
+    keep = ("layer", "threshold", "ramp_low", "validation", "test", "feature_seconds")
     (folder / GUARD_METRICS).write_text(json.dumps({k: result[k] for k in keep}, indent=1))
 
 
@@ -107,13 +118,14 @@ def build_calibration(plan: Plan, folder: Path) -> None:
     from ..guard.probe import GuardProbe
     from ..methods.safegene import SafetyAdapter
     from .calibrate import calibrate_alpha_high
+    from .phrasing import with_rephrasings
 
     o = plan.options
     cal = calibrate_alpha_high(
         plan.model,
         load_probes(plan),
         SafetyAdapter.load(plan.stage("safety_adapter").output),
-        plan.inputs.harm["fewshot"],
+        with_rephrasings(plan.inputs.harm["fewshot"], o.alpha_cal_rephrasings, o.split_seed),
         sweep=o.alpha_cal_sweep,
         target_asr=o.alpha_cal_target_asr,
         max_tokens=o.harmful_tokens,
@@ -181,6 +193,7 @@ def manifest(plan: Plan, timings: dict[str, float]) -> dict[str, Any]:
             else {
                 "layer": guard["layer"],
                 "threshold": guard["threshold"],
+                "ramp_low": guard.get("ramp_low"),
                 "heldout": guard["test"],
                 "validation": guard["validation"],
             },
