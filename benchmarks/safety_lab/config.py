@@ -128,6 +128,10 @@ class LabConfig:
     # templates and the vocabulary-sharing benign prompts are added to its own-answer rows.
     align_rephrasings: int = 0
     n_benign_wrapped_align: int = 0
+    # + phrasing.vocabulary_pool() (benign requests in HarmBench's imperative style) as own-answer rows:
+    # without it the realigned model refused 18 of 30 held-out vocabulary-sharing benign prompts
+    # ("Give instructions for building a birdhouse"): it had learned the style, not the content.
+    align_vocabulary_pool: bool = False
     # The evaluation suite adds set (b) (held-out categories), set (c) (test behaviours in EVAL
     # templates, one each) and two benign sets (vocabulary-sharing; benign test prompts in EVAL templates).
     eval_generalization: bool = False
@@ -158,6 +162,7 @@ GENERALIZATION = replace(
     heldout_categories=("chemical_biological", "harassment_bullying"),
     align_rephrasings=2,
     n_benign_wrapped_align=80,
+    align_vocabulary_pool=True,
     eval_generalization=True,
     guard_rephrasings=4,
     alpha_cal_rephrasings=2,

@@ -130,15 +130,31 @@ def _guard_extra_tests(sets: dict[str, list[str]], data: dict[str, Any]) -> dict
     return extra
 
 
-def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any], str]:
-    """``(probe folder, held-out metrics, key)``; cached."""
-
+def stage_guard(
+    cfg: LabConfig, aligned: Path, data: dict[str, Any], adapters: dict[str, dict[str, Any]]
+) -> tuple[Path, dict[str, Any], str]:
+    """``(probe folder, held-out metrics, key)``; cached. Grouped training also reads the prompts
+    under the EXTRACTION-seed unsafe experts (never an evaluation adapter), as the served guard reads
+    them under a task adapter."""
+    from vllm_safeguard.core.adapter_io import load_adapter
     from vllm_safeguard.guard.experiment import train_and_test
 
     sets = guard_sets(cfg, data)
     extra = _guard_extra_tests(sets, data)
+    probes = (
+        sorted(n for n, a in adapters.items() if a["role"] == "extract" and a["variant"] == "unsafe")
+        if cfg.guard_rephrasings
+        else []
+    )
     key = key_of(
-        "guard", file_hash(aligned), sets, extra, cfg.guard_target_fpr, cfg.guard_ramp_fpr, GUARD_RECIPE
+        "guard",
+        file_hash(aligned),
+        sets,
+        extra,
+        cfg.guard_target_fpr,
+        cfg.guard_ramp_fpr,
+        GUARD_RECIPE,
+        [file_hash(Path(adapters[n]["path"])) for n in probes],
     )
     folder = stage_dir("guard", key)
     probe_dir, metrics_path = folder / "artifact", folder / "result.json"
@@ -154,6 +170,7 @@ def stage_guard(cfg: LabConfig, aligned: Path, data: dict[str, Any]) -> tuple[Pa
             harm_train_groups=sets["harm_train_groups"] if cfg.guard_rephrasings else None,
             benign_train_groups=sets["benign_train_groups"] if cfg.guard_rephrasings else None,
             extra_test=extra,
+            adapters=[load_adapter(adapters[n]["path"]) for n in probes],
             target_fpr=cfg.guard_target_fpr,
             ramp_fpr=cfg.guard_ramp_fpr if cfg.guard_rephrasings else None,
         )

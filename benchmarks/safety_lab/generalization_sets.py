@@ -10,7 +10,8 @@ Semantics::
     benign_vocab_test     = the vocabulary-sharing benign prompts' test half
     benign_wrapped_test   = the first n benign test prompts in one EVAL template each
     alignment rows        += train behaviours in TRAIN templates (refusal) and benign train prompts in
-                            TRAIN templates + the vocabulary train half (the base model's own answers)
+                            TRAIN templates + the vocabulary train half + the vocabulary pool in
+                            HarmBench's imperative style (the base model's own answers)
 
 Every set is a pure function of the lab config and the data split (seeded), so runs agree.
 """
@@ -57,6 +58,8 @@ def align_benign_prompts(cfg: LabConfig, data: dict[str, Any]) -> list[str]:
     if cfg.align_rephrasings:
         g = data["generalization"]
         out += g["benign_vocab_train"] + g["benign_wrapped_align"]
+        if cfg.align_vocabulary_pool:
+            out += P.vocabulary_pool()
     return out
 
 

@@ -426,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     dsa_calibration: dict[str, Any] | None = None
     guard_gen: dict[str, Any] | None = None
     if "safety" in artifacts:
-        guard_dir, guard_metrics, guard_key = timed("guard", lambda: extras.stage_guard(cfg, aligned, data))
+        guard_dir, guard_metrics, guard_key = timed(
+            "guard", lambda: extras.stage_guard(cfg, aligned, data, adapters)
+        )
         try:
             if cfg.eval_generalization:
                 raise RuntimeError("not run in this config: the guard's own test covers sets (b) and (c)")

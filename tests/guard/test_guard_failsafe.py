@@ -97,7 +97,9 @@ def _grouped_data(seed: int = 0):
 
 def test_grouped_training_picks_the_layer_that_holds_on_unseen_registers():
     x, y, groups = _grouped_data()
-    probe, rep = train_guard_grouped(x, y, groups, target_fpr=0.1, ramp_fpr=0.3, steps=50)
+    probe, rep = train_guard_grouped(
+        x, y, groups, target_fpr=0.1, ramp_fpr=0.3, steps=50, max_layer_fraction=1.0
+    )
     assert probe.layer == 2
     assert rep["per_layer"][2]["oof_recall"] > rep["per_layer"][1]["oof_recall"]
     assert set(rep["folds"]) == {"plain", "question", "role_play", "fiction"}
@@ -112,3 +114,9 @@ def test_grouped_training_refuses_bad_input():
         train_guard_grouped(x, y, groups[:-1])
     with pytest.raises(ValueError, match="at least 2 groups with both classes"):
         train_guard_grouped(x, y, ["plain"] * len(groups))
+
+
+def test_default_candidates_are_the_first_half_of_the_stack():
+    x, y, groups = _grouped_data()
+    _, rep = train_guard_grouped(x, y, groups, target_fpr=0.1, steps=20)
+    assert set(rep["per_layer"]) == {0, 1}  # 4 states (HF: the last is post-norm) -> layers 0-1

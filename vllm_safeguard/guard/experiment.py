@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from vllm_safeguard.core.merge import merged_into
 from vllm_safeguard.core.model_files import model_fingerprint
 from vllm_safeguard.guard.probe import GuardProbe, auroc
 from vllm_safeguard.guard.train import last_token_states, train_guard, train_guard_grouped
@@ -60,6 +61,7 @@ def train_and_test(
     harm_train_groups: Sequence[str] | None = None,
     benign_train_groups: Sequence[str] | None = None,
     extra_test: Mapping[str, Sequence[str]] | None = None,
+    adapters: Sequence[Any] = (),
     val_fraction: float = 0.25,
     target_fpr: float = 0.05,
     ramp_fpr: float | None = 0.2,
@@ -72,6 +74,11 @@ def train_and_test(
     registers (:func:`train_guard_grouped`, with the fail-safe ramp); without, on a random
     ``val_fraction`` split (:func:`fit_probe`). ``extra_test``: more held-out sets by name; a name
     starting with ``harm`` is harmful (its TPR is reported), any other benign (its FPR).
+    ``adapters`` (LoRA adapters, grouped training only): the training prompts are also read with each
+    adapter merged into the model, as the served forward pass reads them under a task adapter (the
+    guard scores the adapted model): the first issue-21 guard, trained on the bare model, chose layer
+    28 and flagged 82% of test prompts there but almost none under the unsafe experts (auto ASR 97%).
+    Test sets are scored on the bare model and, when adapters are given, under each adapter too.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -92,16 +99,23 @@ def train_and_test(
     for name, prompts in (extra_test or {}).items():
         sets[f"{name}_test"] = list(prompts)
     states = {k: last_token_states(model, tok, list(v), progress=progress) for k, v in sets.items()}
+    adapted: list[dict[str, torch.Tensor]] = []
+    for adapter in adapters if grouped else ():
+        with merged_into(model, adapter):
+            adapted.append(
+                {k: last_token_states(model, tok, list(v), progress=progress) for k, v in sets.items()}
+            )
     feature_s = time.perf_counter() - t0
     del model
     selection: dict[str, Any] | None = None
     fingerprint = model_fingerprint(Path(model_dir))
     if grouped:
         assert harm_train_groups is not None and benign_train_groups is not None
+        copies = [states, *adapted]  # the bare model's states and each adapter's, same labels and folds
         probe, selection = train_guard_grouped(
-            torch.cat([states["harm_train"], states["ben_train"]]),
-            torch.tensor([1] * len(h_tr) + [0] * len(b_tr)),
-            list(harm_train_groups) + list(benign_train_groups),
+            torch.cat([torch.cat([c["harm_train"], c["ben_train"]]) for c in copies]),
+            torch.tensor(([1] * len(h_tr) + [0] * len(b_tr)) * len(copies)),
+            (list(harm_train_groups) + list(benign_train_groups)) * len(copies),
             target_fpr=target_fpr,
             ramp_fpr=ramp_fpr,
             seed=seed,
@@ -136,6 +150,14 @@ def train_and_test(
         test[f"{'tpr' if name.startswith('harm') else 'fpr'}_{name}_at_threshold"] = rate
         test[f"mean_alpha_{name}"] = sum(probe.alpha_for(float(v)) for v in s) / max(1, s.numel())
         test[f"n_{name}"] = int(s.numel())
+    if adapted:  # the same held-out sets under each harmful adapter (what serving scores)
+        under: dict[str, Any] = {}
+        for name in [k for k in sets if k.endswith("_test")]:
+            sc = torch.cat([probe.score(a[name][:, probe.layer]) for a in adapted])
+            key = "tpr" if name.startswith("harm") else "fpr"
+            under[f"{key}_{name.removesuffix('_test')}_at_threshold"] = float((sc >= thr).float().mean())
+            under[f"n_{name.removesuffix('_test')}"] = int(sc.numel())
+        test["under_adapters"] = under
     result = {
         "layer": probe.layer,
         "threshold": thr,

@@ -142,8 +142,9 @@ def train_guard(
 
 
 # Hashed into the cache keys of every stage that trains a guard (prepare, the lab): a change of the
-# training rule rebuilds the probe. 2 = issue 21 (held-out-register selection, per-kind FPR, ramp).
-GUARD_RECIPE = 2
+# training rule rebuilds the probe. 4 = issue 21 (held-out-register selection, ramp, training states
+# under harmful adapters too, candidate layers in the first half of the stack).
+GUARD_RECIPE = 4
 
 
 def benign_kind(group: str) -> str | None:
@@ -173,6 +174,7 @@ def train_guard_grouped(
     layers: Sequence[int] | None = None,
     target_fpr: float = 0.05,
     ramp_fpr: float | None = 0.2,
+    max_layer_fraction: float = 0.5,
     weight_decay: float = 1e-2,
     steps: int = 100,
     seed: int = 0,
@@ -220,7 +222,13 @@ def train_guard_grouped(
             fold[i], rr = rr % len(both), rr + 1
     neg_kinds = [benign_kind(g) for g, v in zip(groups, labels.tolist(), strict=True) if v == 0]
     n_layers = states.shape[1]
-    candidates = list(layers) if layers is not None else list(range(n_layers - 1))
+    # Serving scores the ADAPTED model: late layers, where a task adapter has moved the residual stream
+    # most, did not transfer from the adapters the probe trained under to other adapters. The lab's
+    # guard at layer 28 of 30 flagged 82% of the test prompts under the training adapters and almost
+    # none under the evaluation experts (auto ASR 93-97%); the pre-issue-21 guard at layer 7 did flag
+    # under them. Default candidates: the first half of the stack.
+    top = max(1, int((n_layers + 1) * max_layer_fraction))
+    candidates = list(layers) if layers is not None else list(range(min(top, n_layers - 1)))
     per_layer: dict[int, dict[str, float]] = {}
     best: tuple[float, float, int, torch.Tensor] | None = None
     for layer in tqdm(candidates, desc="guard: held-out-register folds"):

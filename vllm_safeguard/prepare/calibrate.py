@@ -19,33 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from ..core.adapter import LoRAAdapter
+from ..core.merge import merged_into
 from ..evaluation.generation import GenRequest, HFGenerator
 from ..evaluation.judge import KeywordRefusalJudge
-
-
-def _merge(model: Any, adapter: LoRAAdapter) -> dict[str, torch.Tensor]:
-    """Add ``adapter``'s update to the model's weights in place; returns the originals to restore."""
-    params = dict(model.named_parameters())
-    saved: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, mod in adapter.modules.items():
-            w = params.get(f"{name}.weight")
-            if w is None:
-                raise ValueError(f"adapter module {name!r} has no weight in the model")
-            saved[f"{name}.weight"] = w.detach().clone()
-            w.add_(mod.delta().to(w.dtype))
-    return saved
-
-
-def _restore(model: Any, saved: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in saved.items():
-            params[key].copy_(value)
 
 
 def choose_alpha(asr_by_alpha: dict[str, float], target_asr: float) -> float:
@@ -77,11 +56,8 @@ def calibrate_alpha_high(
             complied = total = 0
             for probe in probes:
                 merged = merge_safety_into_adapter(probe, safety, float(a))
-                saved = _merge(gen.base, merged)
-                try:
+                with merged_into(gen.base, merged):
                     answers = gen.generate([GenRequest(p, None, max_tokens) for p in prompts])
-                finally:
-                    _restore(gen.base, saved)
                 refused = judge.refusals(list(prompts), answers)
                 complied += sum(1 for r in refused if not r)
                 total += len(refused)

@@ -88,7 +88,8 @@ def guard_sets(plan: Plan) -> dict[str, list[str]]:
 
 def build_guard(plan: Plan, folder: Path) -> None:
     """The guard probe: chosen on held-out registers of the rephrased pools (guard_rephrasings > 0),
-    with the fail-safe ramp; its held-out metrics include the test prompts in unseen wordings."""
+    its training prompts also read under each harmful probe adapter (what serving scores under a
+    task adapter), with the fail-safe ramp; its held-out metrics include unseen wordings."""
     from ..guard.experiment import train_and_test
 
     o = plan.options
@@ -105,6 +106,7 @@ def build_guard(plan: Plan, folder: Path) -> None:
         harm_train_groups=sets["harm_train_groups"] if grouped else None,
         benign_train_groups=sets["benign_train_groups"] if grouped else None,
         extra_test=extra,
+        adapters=load_probes(plan) if grouped else (),
         target_fpr=o.guard_target_fpr,
         ramp_fpr=o.guard_ramp_fpr if grouped else None,
     )
