@@ -34,7 +34,7 @@ from benchmarks.safety_lab.cache import file_hash, key_of, log, stage_dir
 from benchmarks.safety_lab.config import GENERALIZATION as CFG
 from benchmarks.safety_lab.extras import _guard_extra_tests, guard_sets
 from vllm_safeguard.guard.probe import auroc
-from vllm_safeguard.guard.train import _fit_logistic, _kind_threshold, _threshold, benign_kind
+from vllm_safeguard.guard.train import _fit_logistic, _kind_threshold, _threshold, benign_kind, register_folds
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "variants"
 
@@ -52,20 +52,6 @@ def features(model: Any, tok: Any, prompts: list[str]) -> tuple[torch.Tensor, to
         last.append(torch.stack([h[0, -1] for h in hs]))
         mean.append(torch.stack([h[0].mean(0) for h in hs]))
     return torch.stack(last).float(), torch.stack(mean).float()
-
-
-def folds_of(groups: list[str], labels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    classes: dict[str, set[int]] = {}
-    for v, g in zip(labels.tolist(), groups, strict=True):
-        classes.setdefault(g, set()).add(int(v))
-    both = sorted(g for g, c in classes.items() if c == {0, 1})
-    fold, rr = torch.empty(len(groups), dtype=torch.long), 0
-    for i, g in enumerate(groups):
-        if g in both:
-            fold[i] = both.index(g)
-        else:
-            fold[i], rr = rr % len(both), rr + 1
-    return fold, both
 
 
 def oof_scores(x: torch.Tensor, y: torch.Tensor, fold: torch.Tensor, n_folds: int, wd: float) -> torch.Tensor:
@@ -108,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.mkdir(parents=True, exist_ok=True)
         torch.save((f_train, f_test), cache / "features.pt")
     log(f"guard variants: features in {time.time() - t0:.0f}s")
-    fold, both = folds_of(groups, y)
+    fold, both = register_folds(y, groups)
     n_layers = f_train[0].shape[1]
     rows: list[dict[str, Any]] = []
 

@@ -166,6 +166,22 @@ def _kind_threshold(pos: torch.Tensor, neg: torch.Tensor, kinds: Sequence[str | 
     return _threshold(pos, neg[hard], fpr)
 
 
+def register_folds(labels: torch.Tensor, groups: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """``(fold of each prompt, fold names)``: one fold per group holding both classes (a register,
+    "plain"); prompts of one-class groups (vocabulary-sharing benign, domain tasks) dealt round robin."""
+    classes: dict[str, set[int]] = {}
+    for v, g in zip(labels.tolist(), groups, strict=True):
+        classes.setdefault(g, set()).add(int(v))
+    both = sorted(g for g, c in classes.items() if c == {0, 1})
+    fold, rr = torch.empty(len(groups), dtype=torch.long), 0
+    for i, g in enumerate(groups):
+        if g in both:
+            fold[i] = both.index(g)
+        else:
+            fold[i], rr = rr % max(1, len(both)), rr + 1
+    return fold, both
+
+
 def train_guard_grouped(
     states: torch.Tensor,
     labels: torch.Tensor,
@@ -207,19 +223,9 @@ def train_guard_grouped(
             f"states ({states.shape[0]}), labels ({labels.numel()}) and groups ({len(groups)}) differ in length"
         )
     y = labels.float()
-    classes: dict[str, set[int]] = {}
-    for v, g in zip(labels.tolist(), groups, strict=True):
-        classes.setdefault(g, set()).add(int(v))
-    both = sorted(g for g, c in classes.items() if c == {0, 1})
+    fold, both = register_folds(labels, groups)
     if len(both) < 2:
         raise ValueError(f"need at least 2 groups with both classes for held-out folds, got {both!r}")
-    fold = torch.empty(len(groups), dtype=torch.long)
-    rr = 0
-    for i, g in enumerate(groups):
-        if g in both:
-            fold[i] = both.index(g)
-        else:
-            fold[i], rr = rr % len(both), rr + 1
     neg_kinds = [benign_kind(g) for g, v in zip(groups, labels.tolist(), strict=True) if v == 0]
     n_layers = states.shape[1]
     # Serving scores the ADAPTED model: late layers, where a task adapter has moved the residual stream
