@@ -185,6 +185,35 @@ class SafeguardConfig(BaseModel):
             "refused at once. None (env: empty) disables the limit."
         ),
     )
+    admission_frontend: bool = Field(
+        True,
+        description=(
+            "Admit adapters in the API server, before the engine sees them (runtime loads, resolvers, "
+            "--lora-modules): the engine is handed the admitted cache entry and only verifies it, so a repair "
+            "never stalls the engine loop. The worker admits itself when the API server cannot (offline LLM, "
+            "no published worker context, or a context that keys adapters differently: logged). False: every "
+            "admission runs in the worker, inside the engine loop."
+        ),
+    )
+    admission_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Threads per API-server process that run admissions (admission_frontend). Repairs are CPU-bound "
+            "torch work: more threads help only with idle cores."
+        ),
+    )
+    admission_queue: int = Field(
+        8,
+        ge=0,
+        le=10_000,
+        description=(
+            "Admissions that may wait for a free admission thread, per API-server process. A load beyond "
+            "admission_workers + admission_queue is refused at once with HTTP 503 (nothing is read; retry "
+            "later) instead of waiting unboundedly."
+        ),
+    )
     log_reports: bool = Field(True, description="Log each adapter's risk score and repair summary.")
     alpha_enabled: bool | None = Field(
         None,

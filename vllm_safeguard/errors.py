@@ -87,6 +87,8 @@ REFUSAL_END = " [/vllm-safeguard]"
 
 # Refusal kinds (the metrics' outcome label is "refused_<kind>").
 REFUSAL_KINDS = ("invalid", "uncovered", "unrepairable", "error")
+# Not a decision about the adapter: the API server's admission queue is full (a 503; retry later).
+OVERLOADED = "overloaded"
 
 
 def refusal_kind(error: BaseException) -> str:
@@ -109,6 +111,11 @@ class AdapterRefused(SafeguardError):
         self.reason = reason
         self.kind = kind
         super().__init__(f"{REFUSAL_START}adapter {adapter_name!r} refused ({kind}): {reason}{REFUSAL_END}")
+
+
+def is_overload(text: str) -> bool:
+    """Whether a refusal text (:func:`refusal_text`) is an overload, not a decision (-> 503)."""
+    return f"refused ({OVERLOADED})" in text
 
 
 def refusal_text(message: str) -> str | None:

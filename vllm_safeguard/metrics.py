@@ -44,8 +44,15 @@ MODULES_STRIPPED = "safeguard_modules_stripped_total"
 RELOADS = "safeguard_adapter_reloads_total"
 STEP_FAILURES = "safeguard_step_failures_total"
 PROTECTION = "safeguard_protection"
+ADMISSION_STAGE = "safeguard_admission_stage_seconds"
+FRONTEND_ADMISSIONS = "safeguard_frontend_admissions_total"
+ADMISSIONS_IN_FLIGHT = "safeguard_admissions_in_flight"
+ADMISSIONS_REJECTED = "safeguard_admissions_rejected_total"
+CACHE_ENTRIES = "safeguard_cache_entries"
+CACHE_BYTES = "safeguard_cache_bytes"
+EVICTIONS = "safeguard_adapter_evictions_total"
 
-HISTOGRAMS = (REPAIR_DURATION, RISK_SCORE, GUARD_SCORE)
+HISTOGRAMS = (REPAIR_DURATION, RISK_SCORE, GUARD_SCORE, ADMISSION_STAGE)
 METRIC_NAMES: tuple[str, ...] = (
     LOADS,
     REPAIR_DURATION,
@@ -62,6 +69,13 @@ METRIC_NAMES: tuple[str, ...] = (
     RELOADS,
     STEP_FAILURES,
     PROTECTION,
+    ADMISSION_STAGE,
+    FRONTEND_ADMISSIONS,
+    ADMISSIONS_IN_FLIGHT,
+    ADMISSIONS_REJECTED,
+    CACHE_ENTRIES,
+    CACHE_BYTES,
+    EVICTIONS,
 )
 
 
@@ -90,6 +104,13 @@ class SafeguardMetrics:
     reloads: Counter
     step_failures: Counter
     protection: Gauge
+    admission_stage: Histogram
+    frontend_admissions: Counter
+    admissions_in_flight: Gauge
+    admissions_rejected: Counter
+    cache_entries: Gauge
+    cache_bytes: Gauge
+    evictions: Counter
 
 
 _lock = threading.Lock()
@@ -184,8 +205,62 @@ def get_metrics() -> SafeguardMetrics:
                     ["model_name", "layer"],
                     multiprocess_mode="max",
                 ),
+                admission_stage=Histogram(
+                    ADMISSION_STAGE,
+                    "Seconds per admission stage (stage: queue, validate, score, repair, verify, write, handover) "
+                    "where it ran (site: api_server = before the engine; worker = inside the engine loop, which "
+                    "stalls every request: only 'handover' should appear there).",
+                    ["model_name", "stage", "site"],
+                    buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                ),
+                frontend_admissions=Counter(
+                    _strip_total(FRONTEND_ADMISSIONS),
+                    "Adapters admitted by the API server before the engine saw them (outcome: repaired or "
+                    "passed; cache: hit or miss).",
+                    ["model_name", "outcome", "cache"],
+                ),
+                admissions_in_flight=Gauge(
+                    ADMISSIONS_IN_FLIGHT,
+                    "Admissions running or queued in the API servers now.",
+                    ["model_name"],
+                    multiprocess_mode="livesum",
+                ),
+                admissions_rejected=Counter(
+                    _strip_total(ADMISSIONS_REJECTED),
+                    "Adapter loads refused with 503 because the admission pool and its queue were full.",
+                    ["model_name"],
+                ),
+                cache_entries=Gauge(
+                    CACHE_ENTRIES,
+                    "Entries in the repair cache (admitted canonical adapters), after the last admission.",
+                    ["model_name"],
+                    multiprocess_mode="max",
+                ),
+                cache_bytes=Gauge(
+                    CACHE_BYTES,
+                    "Bytes of the repair cache's entries, after the last admission.",
+                    ["model_name"],
+                    multiprocess_mode="max",
+                ),
+                evictions=Counter(
+                    _strip_total(EVICTIONS),
+                    "Adapters vLLM evicted from a worker's CPU LoRA cache (--max-cpu-loras); a later request "
+                    "reloads them from the admitted copy (safeguard_adapter_reloads_total).",
+                    ["model_name"],
+                ),
             )
     return _metrics
+
+
+def record_repair(model_name: str, method: str, report: dict | None) -> None:
+    """Count a repair computed in this process (not a cache hit): layers changed, translator expert."""
+    if report is None:
+        return
+    m = get_metrics()
+    m.layers_repaired.labels(model_name=model_name, method=method).inc(int(report.get("layers_repaired", 0)))
+    expert = (report.get("summary") or {}).get("dominant_expert")
+    if expert in ("surgical", "aggressive"):  # bounded label values
+        m.translator_routing.labels(model_name=model_name, expert=expert).inc()
 
 
 def set_build_info(vllm_version: str) -> None:

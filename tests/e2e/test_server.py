@@ -175,7 +175,8 @@ def test_runtime_adapter_served_repaired(scenario: Record) -> None:
 def test_same_bytes_again_is_a_cache_hit(scenario: Record) -> None:
     assert scenario.responses["load_copy"][0] == 200
     assert scenario.served["unsafe2-copy"] == scenario.expected["unsafe2_repaired"]
-    assert metric(scenario.metrics, "safeguard_cache_hits_total", model_name="tiny") == 1
+    hits = metric(scenario.metrics, "safeguard_frontend_admissions_total", model_name="tiny", cache="hit")
+    assert hits == 1
     assert "cache hit" in scenario.log
 
 
@@ -198,11 +199,20 @@ def test_metrics_on_vllm_metrics_endpoint(scenario: Record) -> None:
     assert metric(t, loads, model_name="tiny", outcome="repaired", method=METHOD) == 3
     assert metric(t, loads, model_name="tiny", outcome="passed", method=METHOD) == 1
     assert metric(t, loads, model_name="tiny", outcome="refused_invalid", method=METHOD) == 1  # hostile
+    # Admitted before the engine (the API server): the worker verified each entry it was handed.
+    front = "safeguard_frontend_admissions_total"
+    assert metric(t, front, model_name="tiny", outcome="repaired", cache="miss") == 2
+    assert metric(t, front, model_name="tiny", outcome="repaired", cache="hit") == 1
+    assert metric(t, front, model_name="tiny", outcome="passed", cache="miss") == 1
     assert metric(t, "safeguard_cache_lookups_total", model_name="tiny") == 4
-    assert metric(t, "safeguard_cache_hits_total", model_name="tiny") == 1
+    assert metric(t, "safeguard_cache_hits_total", model_name="tiny") == 4
     assert metric(t, "safeguard_layers_repaired_total", model_name="tiny") == scenario.layers_expected
-    assert metric(t, "safeguard_repair_duration_seconds_count", model_name="tiny", cache="miss") == 3
-    assert metric(t, "safeguard_repair_duration_seconds_count", model_name="tiny", cache="hit") == 1
+    assert metric(t, "safeguard_repair_duration_seconds_count", model_name="tiny", cache="miss") == 0
+    assert metric(t, "safeguard_repair_duration_seconds_count", model_name="tiny", cache="hit") == 4
+    stage = "safeguard_admission_stage_seconds_count"
+    assert metric(t, stage, model_name="tiny", stage="repair", site="api_server") == 2
+    assert metric(t, stage, model_name="tiny", stage="handover", site="worker") == 4
+    assert metric(t, stage, model_name="tiny", stage="repair", site="worker") == 0
     assert metric(t, "safeguard_adapter_risk_score_count", model_name="tiny") == 4
     assert metric(t, "safeguard_adapter_risk_score_bucket", model_name="tiny", le="0.1") == 1  # benign0
     assert metric(t, "safeguard_build_info", version="0.1.0") == 1

@@ -40,6 +40,13 @@ def test_exposed_names_and_bounded_labels() -> None:
     mm.reloads.labels(model_name="t").inc()
     mm.step_failures.labels(model_name="t").inc()
     mm.protection.labels(model_name="t", layer="guard_auto").set(1)
+    mm.admission_stage.labels(model_name="t", stage="repair", site="api_server").observe(0.1)
+    mm.frontend_admissions.labels(model_name="t", outcome="repaired", cache="miss").inc()
+    mm.admissions_in_flight.labels(model_name="t").set(0)
+    mm.admissions_rejected.labels(model_name="t").inc()
+    mm.cache_entries.labels(model_name="t").set(1)
+    mm.cache_bytes.labels(model_name="t").set(10)
+    mm.evictions.labels(model_name="t").inc()
     text = generate_latest(REGISTRY).decode()
     exposed = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("safeguard_")
@@ -61,6 +68,8 @@ def test_exposed_names_and_bounded_labels() -> None:
                     "vllm_version",
                     "expert",
                     "layer",  # safeguard_protection: 3 values (vllm_safeguard.protection.LAYERS)
+                    "stage",  # safeguard_admission_stage_seconds: 7 values (admission.frontend.STAGES)
+                    "site",  # api_server | worker
                 }
 
 

@@ -279,3 +279,23 @@ def check_served_dtype(adapter: LoRAAdapter, dtype: torch.dtype) -> None:
 
 def module_kinds(adapter: LoRAAdapter) -> list[str]:
     return sorted({module_kind(n) for n in adapter.modules})
+
+
+def write_zero_adapter(
+    shapes: Mapping[str, tuple[int, int]], candidates: set[str], folder: str | os.PathLike[str]
+) -> Path:
+    """A canonical rank-1 adapter of one module (the first of ``candidates`` in ``shapes``) whose update
+    is exactly zero: what the worker hands vLLM for an adapter it cannot serve inside an engine step,
+    so that its requests get the base model. vLLM cannot add an adapter without modules: its
+    ``_create_merged_loras_inplace`` reads the first module (StopIteration kills the engine core).
+    Written once (an existing folder is reused)."""
+    out = Path(folder)
+    if (out / WEIGHTS_NAME).is_file():
+        return out
+    names = sorted(n for n in candidates if n in shapes)
+    if not names:
+        raise ValueError("no module of the model can carry the zero adapter")
+    name = names[0]
+    rows, cols = shapes[name]
+    module = LoRAModule(name, torch.zeros(1, cols), torch.zeros(rows, 1), 1.0)
+    return write_canonical(LoRAAdapter(config={}, modules={name: module}), out)

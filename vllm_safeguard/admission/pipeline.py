@@ -76,6 +76,9 @@ class LoadOutcome:
     risk_after: float | None = None  # after the repair (None: it did not run)
     stripped: list[str] = field(default_factory=list)  # uncovered modules removed (coverage='strip')
     admission: Admission | None = None  # the in-memory decision (only when computed, not on a cache hit)
+    # Seconds per admission stage when computed (validate, score, repair, verify, write; see
+    # vllm_safeguard.admission.rules.Admission.times), or {"handover": ...} for a handed-over entry.
+    times: dict[str, float] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ hashing
@@ -229,16 +232,18 @@ class SafeguardPipeline:
                     return self._outcome_from_entry(entry, hit=True, t0=t0)
             stage = self.cache.staging_dir()
             try:
+                t_hash = time.perf_counter()
                 digest = _copy_and_hash(files, stage)
+                hashed = time.perf_counter() - t_hash
                 self._digests[sig] = digest
                 key = self._key(digest)
                 if not self.config.cache_enabled:
-                    return self._build(stage, key, adapter_name, t0, publish=False)
+                    return self._build(stage, key, digest, adapter_name, t0, hashed, publish=False)
                 with self.cache.lock(key):  # other processes wait instead of repeating the repair
                     entry = self.cache.get(key)
                     if entry is not None:
                         return self._outcome_from_entry(entry, hit=True, t0=t0)
-                    return self._build(stage, key, adapter_name, t0, publish=True)
+                    return self._build(stage, key, digest, adapter_name, t0, hashed, publish=True)
             except AdapterValidationError as e:  # name the caller's file, not our staging copy
                 raise relocated(e, str(stage), str(folder)) from e
             finally:
@@ -258,6 +263,60 @@ class SafeguardPipeline:
             risk_after=info.get("risk_after"),
             stripped=list(info.get("stripped") or []),
         )
+
+    def fingerprint(self) -> str:
+        """Everything but the adapter's bytes that goes into a key (reference, method, artifacts, served
+        context), as one hash: two processes that would key the same bytes alike have the same one."""
+        return self._key("0" * 64)
+
+    def entry_key(self, path: str | os.PathLike[str]) -> str | None:
+        """The key of ``path`` when it names an entry folder of this pipeline's cache, else None."""
+        assert self.cache is not None
+        try:
+            real = Path(os.path.realpath(path))
+            entries = Path(os.path.realpath(self.cache.root / "entries"))
+        except (OSError, ValueError):
+            return None
+        if real.parent.parent != entries:
+            return None
+        return real.name
+
+    def handed_over(self, path: str | os.PathLike[str]) -> LoadOutcome | None:
+        """A cache entry admitted before the engine (by the API server's admission) as this worker's
+        outcome, or None when ``path`` is not inside this cache's entries.
+
+        The worker stays the authority: the entry must verify (every file's sha256, RepairCache.get) and
+        its key must be the one THIS pipeline derives from the entry's source digest, i.e. admitted
+        under this reference, method, artifacts and served context. Anything else is refused.
+
+        Raises:
+            AdapterValidationError: a path into the cache that is not such an entry.
+        """
+        key = self.entry_key(path)
+        if key is None:
+            return None
+        assert self.cache is not None
+        t0 = time.perf_counter()
+        try:
+            entry = self.cache.get(key)
+        except ValueError:  # not a key: a made-up folder name
+            entry = None
+        if entry is None:
+            raise AdapterValidationError(
+                "not a verified entry of the repair cache (missing, or its bytes do not match its "
+                "manifest: tampered or corrupt); load the adapter from its source again",
+                file=str(path),
+            )
+        digest = entry.info.get("source_digest")
+        if not isinstance(digest, str) or self._key(digest) != key:
+            raise AdapterValidationError(
+                "this repair-cache entry was not admitted for this server's reference, method, artifacts "
+                "and served context; load the adapter from its source",
+                file=str(path),
+            )
+        outcome = self._outcome_from_entry(entry, hit=True, t0=t0)
+        outcome.times = {"handover": outcome.duration_s}
+        return outcome
 
     def _repair_with_deadline(self, adapter: Any, risk: Any) -> Any:
         """Run the method within ``config.repair_timeout_s`` (see vllm_safeguard.admission.limits).
@@ -284,11 +343,23 @@ class SafeguardPipeline:
             what=f"repair ({config.method})",
         )
 
-    def _build(self, stage: Path, key: str, adapter_name: str, t0: float, *, publish: bool) -> LoadOutcome:
+    def _build(
+        self,
+        stage: Path,
+        key: str,
+        digest: str,
+        adapter_name: str,
+        t0: float,
+        hashed_s: float,
+        *,
+        publish: bool,
+    ) -> LoadOutcome:
         """Validate the staged copy, admit it (vllm_safeguard.admission.rules), write the canonical folder and
         publish it (or keep it private). Never copies the caller's config or tensors."""
         assert self.reference is not None and self.cache is not None
+        t_validate = time.perf_counter()
         adapter = load_adapter(stage, limits=self._limits(), base_shapes=self._base_shapes)
+        times = {"validate": hashed_s + time.perf_counter() - t_validate}
         adm = admit(
             adapter,
             self.reference,
@@ -298,9 +369,11 @@ class SafeguardPipeline:
             expected_modules=self.ctx.expected_modules,
             served_dtype=self.ctx.served_dtype,
         )
+        times.update(adm.times)
         report = adm.report.model_dump(mode="json") if adm.report is not None else None
         build_root = self.cache.staging_dir("build-")
         keep = False
+        t_write = time.perf_counter()
         try:
             out = write_canonical(adm.served, build_root / "adapter")
             info = {
@@ -317,13 +390,18 @@ class SafeguardPipeline:
                 "report": report,
                 "first_name": adapter_name,
                 "reference_hash": self.reference.manifest.content_hash,
+                # The source bytes' digest: lets another process re-derive the key for its own
+                # context before it serves this entry (handed_over).
+                "source_digest": digest,
             }
             if publish:
                 entry = self.cache.put(key, out, info)
                 outcome = self._outcome_from_entry(entry, hit=False, t0=t0)
                 outcome.admission = adm
+                outcome.times = times | {"write": time.perf_counter() - t_write}
                 return outcome
             keep = True
+            times["write"] = time.perf_counter() - t_write
             return LoadOutcome(
                 path=out,
                 decision=adm.decision,
@@ -337,6 +415,7 @@ class SafeguardPipeline:
                 risk_after=adm.risk_after,
                 stripped=adm.stripped,
                 admission=adm,
+                times=times,
             )
         finally:
             if not keep:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,9 @@ class Admission:
     report: Any = None  # RepairReport of the method, when it ran
     stripped: list[str] = field(default_factory=list)
     allowed_uncovered: list[str] = field(default_factory=list)
+    # Seconds per stage: "score" (canonical form, checks, risk), "repair" (the method), "verify" (the
+    # repaired adapter's checks and risk); the pipeline adds "validate" and "write".
+    times: dict[str, float] = field(default_factory=dict)
 
 
 def _is_embedding(name: str) -> bool:
@@ -179,6 +183,7 @@ def admit(
         CoverageError: (refused_uncovered) a module nothing can score.
         UnrepairableError: (refused_unrepairable) at or above the threshold and not repaired below it.
     """
+    t0 = time.perf_counter()
     c = canonicalize(adapter, served_dtype)
     check_expected_modules(c, expected_modules)
     c, stripped, allowed = apply_coverage(c, reference, rules)
@@ -187,12 +192,16 @@ def admit(
         check_served_dtype(c, served_dtype)
     risk = score_adapter(c, reference)
     limit = rules.limit
+    t1 = time.perf_counter()
+    times = {"score": t1 - t0}
     if risk.score < rules.risk_threshold and risk.score < limit:
-        return Admission("passed", c, c, risk, None, None, stripped, allowed)
+        return Admission("passed", c, c, risk, None, None, stripped, allowed, times)
     try:
         result = repair(c, risk)
     except Exception as e:  # the decision "this needs a repair" is made: a failed repair is a refusal
         raise UnrepairableError(f"risk {risk.score:.3f} needs a repair and the repair failed: {e}") from e
+    t2 = time.perf_counter()
+    times["repair"] = t2 - t1
     served = canonicalize(result.adapter, served_dtype)
     check_expected_modules(served, expected_modules)
     if set(served.modules) - set(c.modules):
@@ -220,4 +229,5 @@ def admit(
     if after > risk.score * (1 + _RISK_RTOL) + _RISK_ATOL:
         raise UnrepairableError(f"the repair raised the risk from {risk.score:.3f} to {after:.3f}")
     decision = "passed" if unchanged else "repaired"
-    return Admission(decision, served, c, risk, after, result.report, stripped, allowed)
+    times["verify"] = time.perf_counter() - t2
+    return Admission(decision, served, c, risk, after, result.report, stripped, allowed, times)

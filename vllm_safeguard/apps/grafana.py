@@ -212,6 +212,53 @@ def build_dashboard() -> dict[str, Any]:
                 "running). Any step failure needs attention."
             ),
         ),
+        _panel(
+            14,
+            "Admission p99 by stage and site",
+            [
+                (
+                    f"histogram_quantile(0.99, sum by (le, stage, site) "
+                    f"(rate({m.ADMISSION_STAGE}_bucket{{{SEL}}}[5m])))",
+                    "{{site}} {{stage}}",
+                )
+            ],
+            0,
+            48,
+            unit="s",
+            description=(
+                "site=api_server: admission before the engine (queue wait, validate, score, repair, verify, "
+                "write). site=worker: inside the engine loop, where every in-flight request waits; with the "
+                "API server admitting, only 'handover' (the entry check, ~1 ms) belongs here."
+            ),
+        ),
+        _panel(
+            15,
+            "Admission load: in flight, 503s, admissions",
+            [
+                (f"sum({m.ADMISSIONS_IN_FLIGHT}{{{SEL}}})", "in flight (running + queued)"),
+                (f"sum(rate({m.ADMISSIONS_REJECTED}{{{SEL}}}[5m]))", "refused 503 / s (queue full)"),
+                (
+                    f"sum by (cache) (rate({m.FRONTEND_ADMISSIONS}{{{SEL}}}[5m]))",
+                    "admitted before the engine / s ({{cache}})",
+                ),
+            ],
+            12,
+            48,
+            description="Raise admission_workers / admission_queue (or add API servers) when 503s appear.",
+        ),
+        _panel(
+            16,
+            "Repair cache and vLLM's adapter LRU",
+            [
+                (f"max({m.CACHE_ENTRIES}{{{SEL}}})", "cache entries"),
+                (f"max({m.CACHE_BYTES}{{{SEL}}}) / 1e6", "cache MB"),
+                (f"sum(rate({m.EVICTIONS}{{{SEL}}}[5m]))", "evictions / s (--max-cpu-loras)"),
+                (f"sum(rate({m.RELOADS}{{{SEL}}}[5m]))", "reloads / s (from the admitted copy)"),
+            ],
+            0,
+            56,
+            w=24,
+        ),
     ]
     return {
         "uid": "vllm-safeguard",

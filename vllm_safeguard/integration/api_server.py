@@ -3,7 +3,8 @@
 * :func:`early_path_refusal`: a ``/v1/load_lora_adapter`` path outside ``adapter_roots`` gets a 400
   before the engine is asked (the worker checks again: it is the authority).
 * :func:`refusal_as_400`: vLLM turns any ``add_lora`` failure into a 500; a safeguard refusal (the
-  delimited text of :class:`~vllm_safeguard.errors.AdapterRefused`) becomes a 400 carrying our message.
+  delimited text of :class:`~vllm_safeguard.errors.AdapterRefused`) becomes a 400 carrying our message,
+  a full admission queue (:mod:`vllm_safeguard.integration.front_admission`) a 503.
 * :func:`request_adapter_problem`: a request whose adapter's admitted copy is gone gets a 400 of its
   own (:mod:`vllm_safeguard.admission.bindings`), before the engine step.
 
@@ -21,7 +22,7 @@ from typing import Any
 from ..admission.bindings import binding_problem
 from ..admission.paths import resolve_adapter_path
 from ..config import load_config
-from ..errors import AdapterValidationError, refusal_text
+from ..errors import AdapterValidationError, is_overload, refusal_text
 from .worker_state import served_model_name
 
 logger = logging.getLogger("vllm_safeguard")
@@ -56,14 +57,14 @@ def early_path_refusal(serving: Any, request: Any, original: Callable[..., Any])
 
 def refusal_as_400(result: Any) -> Any:
     """``result`` of ``load_lora_adapter`` with a safeguard refusal (a 500 from ``add_lora``) turned
-    into a 400 carrying our message; any other result unchanged."""
+    into a 400 carrying our message (a 503 when the admission queue was full); any other result
+    unchanged."""
     error = getattr(result, "error", None)
     text = refusal_text(str(getattr(error, "message", ""))) if error is not None else None
     if error is None or text is None:
         return result
-    new_error = error.model_copy(
-        update={"message": f"vllm-safeguard: {text}", "type": "BadRequestError", "code": 400}
-    )
+    kind, code = ("ServiceUnavailableError", 503) if is_overload(text) else ("BadRequestError", 400)
+    new_error = error.model_copy(update={"message": f"vllm-safeguard: {text}", "type": kind, "code": code})
     return result.model_copy(update={"error": new_error})
 
 

@@ -10,11 +10,14 @@ patch                                      hands over to
 WorkerLoRAManager.__init__                 worker_hook.attach_worker (config, reference, pipeline)
 WorkerLoRAManager._load_adapter            worker_hook.load_adapter_hook (admit, then vLLM reads the copy)
 WorkerLoRAManager.set_active_adapters      marks loads inside the engine step (they must not raise)
-OpenAIServingModels.load_lora_adapter      api_server (early path refusal; refusal 500 -> 400)
+OpenAIServingModels.load_lora_adapter      api_server (early path refusal; refusal 500 -> 400/503)
+AsyncLLM.add_lora                          front_admission (admit in the API server, hand over the entry)
+OpenAIServingModels.resolve_lora           front_admission (a resolver load keeps our refusal text)
+LRUCacheLoRAModelManager.remove_oldest...  metrics (evictions from a worker's CPU LoRA cache)
 InputProcessor.__init__                    alpha.set_frontend_additional_config (the validator's config)
 InputProcessor._validate_lora              api_server.request_adapter_problem (400 for a lost adapter)
 model_manager.get_punica_wrapper           punica_wrapper.selector (the safety wrapper, alpha enabled)
-LoRAModelRunnerMixin.load_lora_model       alpha_runner.setup_runner (safety weights, guard)
+LoRAModelRunnerMixin.load_lora_model       worker_hook.publish_served_context; alpha_runner.setup_runner
 LoRAModelRunnerMixin.set_active_loras      alpha_runner.stage_v1 (V1: per-token alpha, guard plan)
 LoRAModelRunnerMixin._set_active_loras     alpha_runner.apply_step (both runners, dummy/capture runs)
 LoraState.make_lora_inputs (V2)            alpha_runner.stage_v2 (V2: per-token alpha, guard plan)
@@ -92,6 +95,39 @@ def _wrap_serving_load(original: Callable[..., Any]) -> Callable[..., Any]:
         return refusal_as_400(await original(self, request, *args, **kwargs))
 
     return load_lora_adapter
+
+
+def _wrap_add_lora(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def add_lora(self: Any, lora_request: Any) -> Any:
+        from .front_admission import admit_then_add
+
+        return await admit_then_add(self, lora_request, original)
+
+    return add_lora
+
+
+def _wrap_resolve_lora(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def resolve_lora(self: Any, lora_name: str) -> Any:
+        from .front_admission import resolve_then_restore
+
+        return await resolve_then_restore(self, lora_name, original)
+
+    return resolve_lora
+
+
+def _wrap_remove_oldest_adapter(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def remove_oldest_adapter(self: Any) -> Any:
+        removed = original(self)
+        if removed:
+            from .worker_hook import count_eviction
+
+            count_eviction(self)
+        return removed
+
+    return remove_oldest_adapter
 
 
 def _wrap_input_processor_init(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -182,6 +218,42 @@ register_patch(
         description="turn a safeguard refusal (a 500 from add_lora) into a 400 with our message",
     )
 )
+register_patch(
+    Patch(
+        name="async_llm_add_lora",
+        module="vllm.v1.engine.async_llm",
+        owner="AsyncLLM",
+        attr="add_lora",
+        make=_wrap_add_lora,
+        parameters=("self", "lora_request"),
+        is_async=True,
+        description="admit every adapter in the API server before the engine sees it; hand over the entry",
+    )
+)
+register_patch(
+    Patch(
+        name="serving_models_resolve_lora",
+        module="vllm.entrypoints.openai.models.serving",
+        owner="OpenAIServingModels",
+        attr="resolve_lora",
+        make=_wrap_resolve_lora,
+        parameters=("self", "lora_name"),
+        is_async=True,
+        description="a resolver load refused by the admission keeps our message (vLLM's is generic)",
+    )
+)
+register_patch(
+    Patch(
+        name="lru_lora_remove_oldest_adapter",
+        module="vllm.lora.model_manager",
+        owner="LRUCacheLoRAModelManager",
+        attr="remove_oldest_adapter",
+        make=_wrap_remove_oldest_adapter,
+        parameters=("self",),
+        is_async=False,
+        description="count evictions from the worker's CPU LoRA cache (reloads read the admitted copy)",
+    )
+)
 
 
 # ------------------------------------------------------------------------- per-request safety alpha
@@ -205,6 +277,9 @@ def _wrap_load_lora_model(original: Callable[..., Any]) -> Callable[..., Any]:
     def load_lora_model(self: Any, model: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> Any:
         out = original(self, model, vllm_config, *args, **kwargs)
         from .punica_wrapper.selector import safety_wrapper_wanted
+        from .worker_hook import publish_served_context
+
+        publish_served_context(self, vllm_config)
 
         if safety_wrapper_wanted():
             from .alpha_runner import setup_runner

@@ -100,6 +100,46 @@ def _short_path(path: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def publish_served_context(runner: Any, vllm_config: Any) -> None:
+    """After vLLM built the LoRA model manager: fix the module kinds it applies LoRA to in the
+    pipeline's context and publish that context for the API server's admission
+    (vllm_safeguard.admission.served_context). Never raises: without it the worker admits itself."""
+    manager = getattr(runner, "lora_manager", None)
+    state: WorkerState | None = getattr(manager, STATE_ATTR, None)
+    if state is None or state.pipeline is None:
+        return
+    try:
+        from ..admission.served_context import publish_context
+
+        pipeline = state.pipeline
+        pipeline.ctx.expected_modules = expected_modules(manager)
+        am = getattr(manager, "_adapter_manager", None)
+        if am is not None:
+            am._safeguard_model_name = state.model_name  # the evictions counter's label
+        fingerprint = pipeline.fingerprint()
+        publish_context(pipeline.config.cache_dir, state.instance, pipeline.ctx, fingerprint)
+        if pipeline._base_shapes is not None and pipeline.reference is not None:
+            from ..admission.canonical import write_zero_adapter
+            from ..core.adapter import module_kind
+
+            kinds = pipeline.ctx.expected_modules
+            candidates = {n for n in pipeline.reference.modules if kinds is None or module_kind(n) in kinds}
+            folder = pipeline.config.cache_dir / "served" / f"zero-{fingerprint[:16]}"
+            state.zero_adapter = write_zero_adapter(pipeline._base_shapes, candidates, folder)
+    except Exception as e:
+        logger.warning(
+            "vllm-safeguard: served context not published (%s); adapters will be admitted in the worker", e
+        )
+
+
+def count_eviction(adapter_manager: Any) -> None:
+    from ..metrics import get_metrics
+
+    with _suppress_metric_errors():
+        name = str(getattr(adapter_manager, "_safeguard_model_name", "unknown"))
+        get_metrics().evictions.labels(model_name=name).inc()
+
+
 def adapter_folder(config: SafeguardConfig, lora_path: str) -> str:
     """The folder to inspect for a request's ``lora_path`` (vllm_safeguard.admission.paths).
 
@@ -137,9 +177,21 @@ def _resolve_bound(pipeline: SafeguardPipeline, binding: Binding) -> Path | None
     return None if entry is None else entry.path
 
 
-def _empty_lora(lora_request: Any) -> Any:
-    """An adapter with no module: what a request gets when its admitted copy cannot be had inside an
-    engine step (the engine must not die for one adapter); the base (aligned) model serves it."""
+def _empty_lora(
+    state: WorkerState | None, manager: Any, lora_request: Any, original: Callable[[Any, Any], Any]
+) -> Any:
+    """A zero update: what a request gets when its admitted copy cannot be had inside an engine step
+    (the engine must not die for one adapter); the base (aligned) model serves it. vLLM reads the
+    worker's zero adapter (admission.canonical.write_zero_adapter); a LoRAModel without modules is the
+    last resort (vLLM 0.32 cannot add one when the model packs modules)."""
+    import msgspec
+
+    zero = state.zero_adapter if state is not None else None
+    if zero is not None:
+        try:
+            return original(manager, msgspec.structs.replace(lora_request, lora_path=str(zero)))
+        except Exception as e:
+            logger.error("vllm-safeguard: the zero adapter could not be loaded: %s", e)
     from vllm.lora.lora_model import LoRAModel
 
     return LoRAModel(lora_request.lora_int_id, 1, {})
@@ -173,7 +225,7 @@ def load_adapter_hook(
         )
         with _suppress_metric_errors():
             get_metrics().step_failures.labels(model_name=model_name).inc()
-        return _empty_lora(lora_request)
+        return _empty_lora(state, manager, lora_request, original)
 
 
 def _load_bound(
@@ -215,6 +267,12 @@ def _admit(
     from vllm.exceptions import LoRAAdapterNotFoundError
 
     name = str(lora_request.lora_name)
+    try:  # admitted before the engine (vllm_safeguard.admission.frontend): verify, never re-admit
+        handed = pipeline.handed_over(lora_request.lora_path)
+    except AdapterValidationError as e:
+        raise refuse(str(e), "invalid") from e
+    if handed is not None:
+        return handed, _load_outcome(manager, lora_request, original, handed, refuse)
     try:
         path = adapter_folder(pipeline.config, lora_request.lora_path)
     except AdapterValidationError as e:  # outside the adapter roots: always refused, even fail-open
@@ -241,6 +299,20 @@ def _admit(
             m.loads.labels(model_name=model_name, outcome="unrepaired", method=method).inc()
         # The contained folder, not the request's string (which vLLM would resolve on its own terms).
         return None, original(manager, msgspec.structs.replace(lora_request, lora_path=path))
+    return outcome, _load_outcome(manager, lora_request, original, outcome, refuse)
+
+
+def _load_outcome(
+    manager: Any,
+    lora_request: Any,
+    original: Callable[[Any, Any], Any],
+    outcome: LoadOutcome,
+    refuse: Callable[..., AdapterRefused],
+) -> Any:
+    """vLLM's loader on the admitted folder; every module must arrive."""
+    import msgspec
+    from vllm.exceptions import LoRAAdapterNotFoundError
+
     try:
         try:
             lora = original(manager, msgspec.structs.replace(lora_request, lora_path=str(outcome.path)))
@@ -257,13 +329,13 @@ def _admit(
         if outcome.cleanup is not None:
             outcome.cleanup()
         raise
-    return outcome, lora
+    return lora
 
 
 def _load_adapter_checked(
     manager: Any, lora_request: Any, original: Callable[[Any, Any], Any], in_step: bool = False
 ) -> Any:
-    from ..metrics import get_metrics
+    from ..metrics import get_metrics, record_repair
 
     state: WorkerState | None = getattr(manager, STATE_ATTR, None)
     name = str(lora_request.lora_name)
@@ -333,13 +405,10 @@ def _load_adapter_checked(
         m.repair_duration.labels(
             model_name=model_name, method=method, cache="hit" if outcome.cache_hit else "miss"
         ).observe(outcome.duration_s)
-        if not outcome.cache_hit and outcome.report is not None:
-            m.layers_repaired.labels(model_name=model_name, method=method).inc(
-                int(outcome.report.get("layers_repaired", 0))
-            )
-            expert = (outcome.report.get("summary") or {}).get("dominant_expert")
-            if expert in ("surgical", "aggressive"):  # bounded label values
-                m.translator_routing.labels(model_name=model_name, expert=expert).inc()
+        for stage, seconds in outcome.times.items():  # inside the engine loop: ideally only "handover"
+            m.admission_stage.labels(model_name=model_name, stage=stage, site="worker").observe(seconds)
+        if not outcome.cache_hit:
+            record_repair(model_name, method, outcome.report)
     if pipeline.config.log_reports:
         logger.info("%s", summarize(name, outcome, pipeline.config))
     return lora

@@ -39,6 +39,8 @@ class WorkerState:
     # reload (same request object) is served from this binding and never re-reads the source folder.
     bindings: dict[tuple[str, int], Binding] = field(default_factory=dict)
     instance: str = ""  # vLLM's engine instance id (shared by this engine's workers and API server)
+    # A canonical adapter with a zero update, for requests whose adapter cannot be loaded in a step.
+    zero_adapter: Path | None = None
 
     @property
     def enabled(self) -> bool:

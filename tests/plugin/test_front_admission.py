@@ -1,0 +1,186 @@
+"""Admission before the engine (vllm_safeguard.admission.frontend / served_context, and the worker's
+check of what it is handed: SafeguardPipeline.handed_over), on the tiny workspace with real pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_safeguard.admission.frontend import ContextUnavailable, FrontAdmission
+from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
+from vllm_safeguard.admission.served_context import context_file, publish_context, read_context
+from vllm_safeguard.config import SafeguardConfig, load_config
+from vllm_safeguard.core.adapter_io import WEIGHTS_NAME
+from vllm_safeguard.errors import OVERLOADED, AdapterRefused, AdapterValidationError, UnrepairableError
+from vllm_safeguard.testing.workspace import Workspace
+
+MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _config(cache_dir: Path, **over: object) -> SafeguardConfig:
+    sg = {
+        "cache_dir": str(cache_dir),
+        "method": "nlsr_datafree",
+        "method_options": {"neuron_fraction": 0.5},
+        "risk_threshold": 0.1,
+    }
+    return load_config({"safeguard": sg | over}, env={})
+
+
+def _ctx(ws: Workspace, dtype: torch.dtype = torch.float32) -> PipelineContext:
+    return PipelineContext(
+        "tiny", ws.base, max_lora_rank=8, expected_modules=set(MODULES), served_dtype=dtype
+    )
+
+
+def _worker(
+    ws: Workspace, cache_dir: Path, dtype: torch.dtype = torch.float32, **over: object
+) -> SafeguardPipeline:
+    """A worker's pipeline that has published its context (what the load_lora_model patch does)."""
+    p = SafeguardPipeline.create(_config(cache_dir, **over), _ctx(ws, dtype))
+    publish_context(cache_dir, "inst", p.ctx, p.fingerprint())
+    return p
+
+
+# ------------------------------------------------------------------------------ served context
+
+
+def test_published_context_rebuilds_the_workers_key(workspace: Workspace, cache_dir: Path) -> None:
+    worker = _worker(workspace, cache_dir)
+    found = read_context(cache_dir, "tiny", "inst")
+    assert found is not None
+    ctx, fp = found
+    assert fp == worker.fingerprint()
+    assert ctx.expected_modules == MODULES and ctx.served_dtype == torch.float32 and ctx.max_lora_rank == 8
+    front = SafeguardPipeline.create(_config(cache_dir), ctx)
+    assert front.fingerprint() == worker.fingerprint()
+    # Another engine instance or model name has no context here.
+    assert read_context(cache_dir, "tiny", "other") is None
+    assert read_context(cache_dir, "other", "inst") is None
+    assert context_file(cache_dir, "tiny", "inst").parent == cache_dir / "served"
+
+
+def test_front_refuses_to_key_differently_from_the_worker(workspace: Workspace, cache_dir: Path) -> None:
+    _worker(workspace, cache_dir)  # threshold 0.1
+    front = FrontAdmission(_config(cache_dir, risk_threshold=0.2), "tiny", "inst")
+    with pytest.raises(ContextUnavailable, match="key adapters differently"):
+        front.pipeline()
+    missing = FrontAdmission(_config(cache_dir), "tiny", "no-such-instance")
+    with pytest.raises(ContextUnavailable, match="no served context"):
+        missing.pipeline()
+
+
+# ------------------------------------------------------------------------------ hand-over
+
+
+def test_worker_serves_an_entry_admitted_elsewhere_without_repairing(
+    workspace: Workspace, cache_dir: Path
+) -> None:
+    worker = _worker(workspace, cache_dir)
+    front = FrontAdmission(_config(cache_dir), "tiny", "inst")
+    out = asyncio.run(front.admit(workspace.adapters["unsafe"], "unsafe"))
+    assert out.decision == "repaired" and not out.cache_hit
+    assert {"validate", "score", "repair", "verify", "write"} <= set(out.times)
+    handed = worker.handed_over(out.path)
+    assert handed is not None and handed.cache_hit and handed.key == out.key
+    assert handed.decision == "repaired" and set(handed.times) == {"handover"}
+    # A path outside the cache is not the hand-over: the worker admits it as usual.
+    assert worker.handed_over(workspace.adapters["unsafe"]) is None
+
+
+def test_worker_refuses_an_entry_admitted_for_another_context(workspace: Workspace, cache_dir: Path) -> None:
+    front_side = SafeguardPipeline.create(_config(cache_dir), _ctx(workspace, torch.float32))
+    out = front_side.process(workspace.adapters["unsafe"], "unsafe")
+    worker = SafeguardPipeline.create(_config(cache_dir), _ctx(workspace, torch.bfloat16))
+    with pytest.raises(AdapterValidationError, match="not admitted for this server"):
+        worker.handed_over(out.path)
+    other_method = SafeguardPipeline.create(_config(cache_dir, risk_threshold=0.2), _ctx(workspace))
+    with pytest.raises(AdapterValidationError, match="not admitted for this server"):
+        other_method.handed_over(out.path)
+
+
+def test_worker_refuses_a_tampered_or_made_up_entry(workspace: Workspace, cache_dir: Path) -> None:
+    worker = _worker(workspace, cache_dir)
+    out = worker.process(workspace.adapters["unsafe"], "unsafe")
+    weights = Path(out.path) / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterValidationError, match="tampered or corrupt"):
+        worker.handed_over(out.path)
+    fake = cache_dir / "repairs" / "entries" / "ab" / "not-a-key"
+    fake.mkdir(parents=True)
+    with pytest.raises(AdapterValidationError, match="not a verified entry"):
+        worker.handed_over(fake)
+
+
+# ------------------------------------------------------------------------------ the pool
+
+
+def test_full_pool_refuses_at_once_with_overloaded(workspace: Workspace, cache_dir: Path) -> None:
+    _worker(workspace, cache_dir)
+    front = FrontAdmission(_config(cache_dir, admission_workers=1, admission_queue=0), "tiny", "inst")
+    pipeline = front.pipeline()
+    gate = pipeline._name_locks.hold("unsafe")  # the real per-name lock: the first admission waits on it
+
+    async def scenario() -> tuple[object, object]:
+        gate.__enter__()
+        first = asyncio.ensure_future(front.admit(workspace.adapters["unsafe"], "unsafe"))
+        for _ in range(200):  # until it occupies the only slot
+            await asyncio.sleep(0.01)
+            if front.pending == 1:
+                break
+        assert front.pending == 1
+        second: object
+        try:
+            await front.admit(workspace.adapters["benign0"], "benign0")
+            second = None
+        except AdapterRefused as e:
+            second = e
+        threading.Timer(0.05, gate.__exit__, (None, None, None)).start()
+        return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(second, AdapterRefused) and second.kind == OVERLOADED
+    assert "retry later" in str(second) and "limit admission_workers + admission_queue = 1" in str(second)
+    assert getattr(first, "decision", None) == "repaired"
+    assert front.pending == 0
+
+
+def test_refusal_is_the_workers_decision(workspace: Workspace, cache_dir: Path) -> None:
+    _worker(workspace, cache_dir, method_options={"neuron_fraction": 0.1})
+    front = FrontAdmission(_config(cache_dir, method_options={"neuron_fraction": 0.1}), "tiny", "inst")
+    with pytest.raises(UnrepairableError):
+        asyncio.run(front.admit(workspace.adapters["unsafe"], "unsafe"))
+    assert front.pending == 0
+
+
+def test_stage_metrics_and_cache_gauges(workspace: Workspace, cache_dir: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    _worker(workspace, cache_dir)
+    front = FrontAdmission(_config(cache_dir), "tiny", "inst")
+    site = {"model_name": "tiny", "site": "api_server"}
+    before = {
+        s: sample("safeguard_admission_stage_seconds_count", stage=s, **site) for s in ("queue", "repair")
+    }
+    admitted = sample(
+        "safeguard_frontend_admissions_total", model_name="tiny", outcome="repaired", cache="miss"
+    )
+    asyncio.run(front.admit(workspace.adapters["unsafe"], "unsafe"))
+    asyncio.run(front.admit(workspace.adapters["unsafe"], "unsafe"))  # the same bytes: a cache hit
+    assert sample("safeguard_admission_stage_seconds_count", stage="queue", **site) == before["queue"] + 2
+    assert sample("safeguard_admission_stage_seconds_count", stage="repair", **site) == before["repair"] + 1
+    assert (
+        sample("safeguard_frontend_admissions_total", model_name="tiny", outcome="repaired", cache="miss")
+        == admitted + 1
+    )
+    assert sample("safeguard_cache_entries", model_name="tiny") == 1
+    assert sample("safeguard_cache_bytes", model_name="tiny") > 0
