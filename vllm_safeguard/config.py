@@ -214,6 +214,25 @@ class SafeguardConfig(BaseModel):
             "later) instead of waiting unboundedly."
         ),
     )
+    admission_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "Scheduling niceness (Linux) of the API server's admission threads: admissions are background "
+            "work, token generation is not. 0 competes with the engine for the CPU as an equal; 19 yields "
+            "almost always (slower admissions)."
+        ),
+    )
+    admission_torch_threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description=(
+            "torch intra-op threads in the API-server process (it runs no other torch work): bounds how "
+            "many cores one admission can take from the engine. 1 keeps the others for serving."
+        ),
+    )
     log_reports: bool = Field(True, description="Log each adapter's risk score and repair summary.")
     alpha_enabled: bool | None = Field(
         None,

@@ -27,6 +27,8 @@ def _config(cache_dir: Path, **over: object) -> SafeguardConfig:
         "method": "nlsr_datafree",
         "method_options": {"neuron_fraction": 0.5},
         "risk_threshold": 0.1,
+        # the pool's initializer sets torch's process-wide thread count: keep the test process's
+        "admission_torch_threads": torch.get_num_threads(),
     }
     return load_config({"safeguard": sg | over}, env={})
 
@@ -184,3 +186,21 @@ def test_stage_metrics_and_cache_gauges(workspace: Workspace, cache_dir: Path) -
     )
     assert sample("safeguard_cache_entries", model_name="tiny") == 1
     assert sample("safeguard_cache_bytes", model_name="tiny") > 0
+
+
+def test_admission_threads_yield_the_cpu(workspace: Workspace, cache_dir: Path) -> None:
+    import os
+
+    from vllm_safeguard.admission.frontend import _background_thread
+
+    seen: dict[str, int] = {}
+
+    def probe() -> None:
+        _background_thread(7, torch.get_num_threads())
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert seen["nice"] == os.getpriority(os.PRIO_PROCESS, 0) + 7 or seen["nice"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != seen["nice"]  # this thread unchanged

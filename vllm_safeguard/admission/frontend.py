@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,20 @@ logger = logging.getLogger("vllm_safeguard")
 # Stage label values of safeguard_admission_stage_seconds, in pipeline order.
 # "handover" is the worker's check of an entry admitted here (site "worker").
 STAGES = ("queue", "validate", "score", "repair", "verify", "write", "handover")
+
+
+def _background_thread(nice: int, torch_threads: int) -> None:
+    """Admission threads are background work: lower their CPU priority (Linux: niceness is per thread)
+    and bound torch's intra-op threads in this process, so the engine's steps keep the cores."""
+    import torch
+
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as e:
+            logger.warning("vllm-safeguard: cannot lower the admission thread's priority: %s", e)
 
 
 class ContextUnavailable(RuntimeError):
@@ -76,7 +91,10 @@ class FrontAdmission:
     def _pool_(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
-                max_workers=self.config.admission_workers, thread_name_prefix="safeguard-admit"
+                max_workers=self.config.admission_workers,
+                thread_name_prefix="safeguard-admit",
+                initializer=_background_thread,
+                initargs=(self.config.admission_nice, self.config.admission_torch_threads),
             )
         return self._pool
 
