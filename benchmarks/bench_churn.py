@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import tempfile
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_stall import lab_model_and_reference
+from benchmarks.results_io import machine, write_results
 from vllm_safeguard.apps.serve import http_get
 from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
 from vllm_safeguard.core.adapter_io import save_adapter
@@ -284,14 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             f"byte duplicates, {N_HOSTILE} hostile); method {METHOD}; {args.clients} clients for {args.seconds:g} s, "
             f"Zipf-like popularity (1/rank^1.1) over the accepted adapters and the base model, {MAX_TOKENS} tokens."
         ),
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "config": vars(args) | {"out": str(args.out), "workdir": str(workdir)},
         "arms": arms,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_churn.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.out / "bench_churn.md").write_text(render(result))
-    print(render(result))
+    write_results(args.out, "bench_churn", result, render(result))
     return 0
 
 

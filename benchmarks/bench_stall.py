@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import tempfile
 import threading
@@ -47,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.results_io import machine, write_results
 from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
 from vllm_safeguard.core.adapter_io import save_adapter
 from vllm_safeguard.testing.server import (
@@ -300,14 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{METHOD} at risk_threshold 0) every {args.load_every_s:g} s in loading windows."
         ),
         "target": "api_server arm: p99 gap while loading <= 1.2x p99 gap quiet",
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "machine": machine(),
         "config": vars(args) | {"out": str(args.out), "workdir": str(workdir)},
         "arms": arms,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_stall.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.out / "bench_stall.md").write_text(render(result))
-    print(render(result))
+    write_results(args.out, "bench_stall", result, render(result))
     return 0
 
 
