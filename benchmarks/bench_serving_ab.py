@@ -9,7 +9,7 @@ and take turns batch by batch (order alternating every round), so the machine's 
 Arms (each a vLLM offline engine, engine core and worker in their own processes, spawned):
 
 * ``off``: no plugin in the engine's processes (``VLLM_PLUGINS`` empty);
-* ``on``: the plugin with method ``safelora_subspace`` and the lab's reference, every adapter already
+* ``on``: the plugin with ``bench_stall``'s method (NLSR data-free, half the neurons) and the lab's reference, every adapter already
   admitted (the steady state: the first batch admits them and is not timed).
 
 Workload: SmolLM2-135M (the lab's aligned model), fp32, 4 rank-16 adapters (partial undos of the
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_stall import cold_adapter, lab_model_and_reference
+from benchmarks.bench_stall import METHOD, METHOD_OPTIONS, cold_adapter, lab_model_and_reference
 from benchmarks.results_io import machine, write_results
 from vllm_safeguard.core.adapter_io import save_adapter
 

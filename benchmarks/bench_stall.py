@@ -60,7 +60,11 @@ from vllm_safeguard.testing.workspace import unsafe_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smol"
-METHOD = "safelora_subspace"
+# NLSR (data-free variant) with half of each module's output neurons: on SmolLM2 it brings these
+# partial undos from risk 0.55-0.60 to 0.03-0.06 in 1.5-1.9 s (2 cores); safelora_subspace and the
+# paper's SafeLoRA left them unchanged (refused as unrepairable), which would measure no repair.
+METHOD = "nlsr_datafree"
+METHOD_OPTIONS = {"neuron_fraction": 0.5}
 RANKS = (16, 32, 64)
 MAX_TOKENS = 48
 PROMPTS = ["Tell me a long story about a lighthouse keeper.", "Explain how tides work, step by step."]
@@ -169,6 +173,7 @@ def run_arm(arm: str, args: argparse.Namespace, aligned: Path, reference: Path, 
     if arm != "off":
         safeguard = {
             "method": METHOD,
+            "method_options": json.dumps(METHOD_OPTIONS),
             "risk_threshold": "0",
             "reference_path": str(reference),
             "cache_dir": str(workdir / f"cache-{arm}"),  # fresh: every cold load is a repair
@@ -182,7 +187,9 @@ def run_arm(arm: str, args: argparse.Namespace, aligned: Path, reference: Path, 
         max_cpu_loras=len(cold) + 4, lora_modules=warm,
     )  # fmt: skip
     t0 = time.perf_counter()
-    server = launch_test_server(argv, env=env, log_path=workdir / f"server-{arm}.log")
+    server = launch_test_server(
+        argv, env=env, log_path=workdir / f"server-{arm}.log", require_plugin=arm != "off"
+    )
     startup = time.perf_counter() - t0
     rec = Recorder(server.url)
     loads: list[dict[str, Any]] = []
