@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.lora.request import LoRARequest
 
     plugin = {
-        "method": "safelora_subspace",
+        "method": METHOD,
+        "method_options": METHOD_OPTIONS,
         "reference_path": str(reference),
         "cache_dir": str(workdir / "cache"),
     }
