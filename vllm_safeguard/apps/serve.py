@@ -152,6 +152,15 @@ class ServerProcess:
         self.stop()
 
 
+def _listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
 def start_server(
     argv: Sequence[str],
     *,
@@ -172,6 +181,12 @@ def start_server(
     port = int(_opt(args, "--port") or 8000)
     connect = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
     url = f"http://{connect}:{port}"
+    if _listening(connect, port):
+        # Another server already answers there: its /health would pass for ours (which would die
+        # with "Address already in use"), and every request would reach the wrong server.
+        raise LaunchError(
+            f"port {port} on {connect} is already in use by another process; stop it or pick another port"
+        )
     child_env = dict(os.environ if env is None else env)
     metrics_dir = Path(tempfile.mkdtemp(prefix="safeguard-prom-"))
     child_env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
