@@ -136,6 +136,7 @@ def run_arm(arm: str, args: argparse.Namespace, aligned: Path, reference: Path, 
     if arm == "on":
         safeguard = {
             "method": METHOD,
+            "method_options": json.dumps(METHOD_OPTIONS),
             "reference_path": str(reference),
             "cache_dir": str(workdir / "cache-on"),
         }

