@@ -12,7 +12,12 @@ import torch
 
 from vllm_safeguard.admission.frontend import ContextUnavailable, FrontAdmission
 from vllm_safeguard.admission.pipeline import PipelineContext, SafeguardPipeline
-from vllm_safeguard.admission.served_context import context_file, publish_context, read_context
+from vllm_safeguard.admission.served_context import (
+    admission_fingerprint,
+    context_file,
+    publish_context,
+    read_context,
+)
 from vllm_safeguard.config import SafeguardConfig, load_config
 from vllm_safeguard.core.adapter_io import WEIGHTS_NAME
 from vllm_safeguard.errors import OVERLOADED, AdapterRefused, AdapterValidationError, UnrepairableError
@@ -44,7 +49,7 @@ def _worker(
 ) -> SafeguardPipeline:
     """A worker's pipeline that has published its context (what the load_lora_model patch does)."""
     p = SafeguardPipeline.create(_config(cache_dir, **over), _ctx(ws, dtype))
-    publish_context(cache_dir, "inst", p.ctx, p.fingerprint())
+    publish_context(cache_dir, "inst", p.ctx, admission_fingerprint(p))
     return p
 
 
@@ -56,10 +61,10 @@ def test_published_context_rebuilds_the_workers_key(workspace: Workspace, cache_
     found = read_context(cache_dir, "tiny", "inst")
     assert found is not None
     ctx, fp = found
-    assert fp == worker.fingerprint()
+    assert fp == admission_fingerprint(worker)
     assert ctx.expected_modules == MODULES and ctx.served_dtype == torch.float32 and ctx.max_lora_rank == 8
     front = SafeguardPipeline.create(_config(cache_dir), ctx)
-    assert front.fingerprint() == worker.fingerprint()
+    assert admission_fingerprint(front) == admission_fingerprint(worker)
     # Another engine instance or model name has no context here.
     assert read_context(cache_dir, "tiny", "other") is None
     assert read_context(cache_dir, "other", "inst") is None
@@ -71,6 +76,9 @@ def test_front_refuses_to_key_differently_from_the_worker(workspace: Workspace, 
     front = FrontAdmission(_config(cache_dir, risk_threshold=0.2), "tiny", "inst")
     with pytest.raises(ContextUnavailable, match="key adapters differently"):
         front.pipeline()
+    roots = FrontAdmission(_config(cache_dir, adapter_roots=[str(workspace.root)]), "tiny", "inst")
+    with pytest.raises(ContextUnavailable, match="adapter_roots"):  # path policy differs, keys do not
+        roots.pipeline()
     missing = FrontAdmission(_config(cache_dir), "tiny", "no-such-instance")
     with pytest.raises(ContextUnavailable, match="no served context"):
         missing.pipeline()

@@ -38,7 +38,7 @@ from typing import Any
 from ..config import SafeguardConfig
 from ..errors import OVERLOADED, AdapterRefused
 from .pipeline import LoadOutcome, PipelineContext, SafeguardPipeline
-from .served_context import read_context
+from .served_context import admission_fingerprint, read_context
 
 logger = logging.getLogger("vllm_safeguard")
 
@@ -114,10 +114,11 @@ class FrontAdmission:
                 )
             ctx, worker_fp = found
             pipeline = self.make_pipeline(self.config, ctx)
-            if pipeline.fingerprint() != worker_fp:
+            if admission_fingerprint(pipeline) != worker_fp:
                 raise ContextUnavailable(
-                    "this process would key adapters differently from the worker (another config, reference "
-                    "or artifacts: check that every process sees the same SAFEGUARD_* settings and files)"
+                    "this process would key adapters differently from the worker (another config, reference, "
+                    "artifacts or adapter_roots: check that every process sees the same SAFEGUARD_* settings "
+                    "and files)"
                 )
             self._pipeline = pipeline
             return pipeline

@@ -5,8 +5,9 @@ and the worker then serves the cache entry it was handed only if it derives the 
 (:meth:`~vllm_safeguard.admission.pipeline.SafeguardPipeline.handed_over`). Two of the key's
 ingredients are only known in the worker, once vLLM has built the model: the module kinds vLLM applies
 LoRA to and the dtype it computes LoRA in. The worker writes them here after ``load_lora_model``,
-together with its pipeline's :meth:`~vllm_safeguard.admission.pipeline.SafeguardPipeline.fingerprint`,
-so the API server can check that it keys adapters exactly as the worker does before it admits any.
+together with :func:`admission_fingerprint` (its pipeline's key ingredients and its path policy), so
+the API server can check that it keys and contains adapters exactly as the worker does before it
+admits any.
 
 Layout: ``<cache_dir>/served/<sha256(model name)[:16]>-<sha256(instance)[:16]>.json``, written
 atomically; names are hashed, never used as paths.
@@ -23,11 +24,19 @@ from typing import Any
 
 import torch
 
-from .pipeline import PipelineContext
+from .pipeline import PipelineContext, SafeguardPipeline
 
 
 def _h(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def admission_fingerprint(pipeline: SafeguardPipeline) -> str:
+    """What must agree between the process that admits and the worker that serves: everything in the
+    cache key (``SafeguardPipeline.fingerprint``) and the path policy (``adapter_roots``), which is not
+    in the key because it decides which folders may be read, not what their bytes become."""
+    roots = sorted(str(p) for p in pipeline.config.adapter_roots)
+    return hashlib.sha256(json.dumps([pipeline.fingerprint(), roots]).encode()).hexdigest()
 
 
 def context_file(cache_dir: Path, model_name: str, instance: str) -> Path:

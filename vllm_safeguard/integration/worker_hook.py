@@ -109,14 +109,14 @@ def publish_served_context(runner: Any, vllm_config: Any) -> None:
     if state is None or state.pipeline is None:
         return
     try:
-        from ..admission.served_context import publish_context
+        from ..admission.served_context import admission_fingerprint, publish_context
 
         pipeline = state.pipeline
         pipeline.ctx.expected_modules = expected_modules(manager)
         am = getattr(manager, "_adapter_manager", None)
         if am is not None:
             am._safeguard_model_name = state.model_name  # the evictions counter's label
-        fingerprint = pipeline.fingerprint()
+        fingerprint = admission_fingerprint(pipeline)
         publish_context(pipeline.config.cache_dir, state.instance, pipeline.ctx, fingerprint)
         if pipeline._base_shapes is not None and pipeline.reference is not None:
             from ..admission.canonical import write_zero_adapter
