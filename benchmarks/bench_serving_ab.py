@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         "on": plugin | {"alpha_enabled": False},
         "off": None,
         # the served model's safety adapter and guard (alpha on, default_alpha "auto")
-        "artifacts": plugin | {"artifacts_dir": str(args.artifacts_dir), "alpha_enabled": True},
+        # (its reference too: the safety adapter names the reference it was extracted against)
+        "artifacts": {k: v for k, v in plugin.items() if k != "reference_path"}
+        | {"artifacts_dir": str(args.artifacts_dir), "alpha_enabled": True},
     }
     engines = {name: engine(aligned, configs[name]) for name in dict.fromkeys((engine_a, engine_b))}
     loras: list[Any] = [LoRARequest(f"a{j}", j + 1, str(p)) for j, p in enumerate(adapters)] + [None]
