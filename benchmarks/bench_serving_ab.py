@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "artifacts": {k: v for k, v in plugin.items() if k != "reference_path"}
         | {"artifacts_dir": str(args.artifacts_dir), "alpha_enabled": True},
     }
-    engines = {name: engine(aligned, configs[name]) for name in dict.fromkeys((engine_a, engine_b))}
+    # The plugin's request validator is per process and takes the config of the engine created last:
+    # the plugin engine goes last, so that its requests' safeguard_alpha is accepted.
+    engines = {name: engine(aligned, configs[name]) for name in reversed(dict.fromkeys((engine_a, engine_b)))}
     loras: list[Any] = [LoRARequest(f"a{j}", j + 1, str(p)) for j, p in enumerate(adapters)] + [None]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     lora_of = [loras[i % len(loras)] for i in range(args.requests)]
