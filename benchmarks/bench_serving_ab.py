@@ -15,7 +15,8 @@ spawned):
 * ``alpha``: ``off`` vs ``alpha`` (the plugin with the served model's safety adapter from
   ``vllm-safeguard prepare``, every request ``safeguard_alpha`` 1); target >= 0.90x off;
 * ``guard``: one engine with the safety adapter and the guard; ``auto`` requests vs ``safeguard_alpha``
-  1; target <= 2% slower.
+  0, the alpha the guard chooses for these benign prompts (its own cost: planning, scoring, the
+  decision); target <= 2% slower; ``guard_vs_alpha1``: ``auto`` vs alpha 1 on every request.
 
 Workload: SmolLM2-135M (the lab's aligned model), fp32, 4 rank-16 adapters (partial undos of the
 alignment delta filled to rank 16, as in ``bench_stall``) and the base model, requests cycling over
@@ -74,9 +75,12 @@ def engine(model: Path, plugin: dict[str, Any] | None) -> Any:
 PAIRS: dict[str, tuple[str, str, str, str, Any, Any]] = {
     "on": ("on", "off", "on", "off", None, None),
     "alpha": ("alpha", "off", "artifacts", "off", 1.0, None),
-    "guard": ("guard", "alpha", "artifacts", "artifacts", "auto", 1.0),
+    # the guard's own cost: "auto" requests vs the alpha the guard chooses for these benign prompts (0)
+    "guard": ("guard", "alpha0", "artifacts", "artifacts", "auto", 0.0),
+    # auto vs a fixed alpha 1 on every request (what always-on alignment would cost instead)
+    "guard_vs_alpha1": ("guard", "alpha", "artifacts", "artifacts", "auto", 1.0),
 }
-TARGETS = {"on": ("on >= 0.97x off", 0.97), "alpha": ("alpha >= 0.90x off", 0.90), "guard": ("guard >= 0.98x alpha (<= 2% over)", 0.98)}  # fmt: skip
+TARGETS = {"on": ("on >= 0.97x off", 0.97), "alpha": ("alpha >= 0.90x off", 0.90), "guard": ("guard >= 0.98x alpha (<= 2% over)", 0.98), "guard_vs_alpha1": ("none (informative)", 0.0)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
