@@ -130,9 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         "artifacts": {k: v for k, v in plugin.items() if k != "reference_path"}
         | {"artifacts_dir": str(args.artifacts_dir), "alpha_enabled": True},
     }
-    # The plugin's request validator is per process and takes the config of the engine created last:
-    # the plugin engine goes last, so that its requests' safeguard_alpha is accepted.
-    engines = {name: engine(aligned, configs[name]) for name in reversed(dict.fromkeys((engine_a, engine_b)))}
+    engines = {name: engine(aligned, configs[name]) for name in dict.fromkeys((engine_a, engine_b))}
+    # The plugin's request validator (alpha.frontend_policy) is one per process: the input-processor
+    # patch gives it the config of the engine created last. The plugin engine is created first (so the
+    # plugin is loaded in this process at all), then its config is given back to the validator; the
+    # "off" engine's requests carry no safeguard_alpha, so they do not depend on it.
+    if engine_a != "off" and configs[engine_a] is not None:
+        from vllm_safeguard.alpha import set_frontend_additional_config
+        from vllm_safeguard.integration.worker_state import model_dir
+
+        set_frontend_additional_config(
+            {"safeguard": configs[engine_a]}, (str(aligned), model_dir(str(aligned)))
+        )
     loras: list[Any] = [LoRARequest(f"a{j}", j + 1, str(p)) for j, p in enumerate(adapters)] + [None]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     lora_of = [loras[i % len(loras)] for i in range(args.requests)]
