@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_stall import cold_adapter, lab_model_and_reference
+from benchmarks.bench_stall import METHOD, METHOD_OPTIONS, MODEL, cold_adapter, lab_model_and_reference
 from benchmarks.results_io import machine, write_results
 from vllm_safeguard.apps.serve import http_get
 from vllm_safeguard.core.adapter import LoRAAdapter, LoRAModule
@@ -59,12 +59,6 @@ from vllm_safeguard.testing.server import (
 from vllm_safeguard.testing.workspace import unsafe_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODEL = "smol"
-# NLSR (data-free variant) with half of each module's output neurons: on SmolLM2 it brings these
-# partial undos from risk 0.55-0.60 to 0.03-0.06 in 1.5-1.9 s (2 cores); safelora_subspace and the
-# paper's SafeLoRA left them unchanged (refused as unrepairable), which would measure no repair.
-METHOD = "nlsr_datafree"
-METHOD_OPTIONS = {"neuron_fraction": 0.5}
 N_BENIGN, N_UNSAFE, N_DUP, N_HOSTILE = 120, 40, 20, 20
 MAX_TOKENS = 16
 
