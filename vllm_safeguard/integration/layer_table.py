@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from kernels.torch_ops import PackedSafety, pack_safety
 
 from ..core.adapter import layer_index
 from ..errors import SafeguardError
@@ -88,6 +90,13 @@ class LayerSafety:
     name: str
     a: list[torch.Tensor]  # [r_s, in] per slice, the layer's LoRA dtype/device, contiguous
     b: list[torch.Tensor]  # [out_slice, r_s] per slice (module scaling folded in)
+    _packed: PackedSafety | None = field(default=None, init=False, repr=False, compare=False)
+
+    def packed(self) -> PackedSafety:
+        """The factors packed for the CPU path's ``packed_safety_delta`` (built once, then kept)."""
+        if self._packed is None:
+            self._packed = pack_safety(self.a, self.b)
+        return self._packed
 
 
 def linear_lora_layers(lora_model_manager: Any) -> Iterable[tuple[str, Any]]:

@@ -61,7 +61,7 @@ def bound_layer(layer_id: int) -> BoundLayer:
     return _LAYERS[layer_id]
 
 
-def _lora_linear(
+def lora_linear_eager(
     y: torch.Tensor,
     x: torch.Tensor,
     lora_a_stacked: list[torch.Tensor],
@@ -70,6 +70,7 @@ def _lora_linear(
     layer_id: int,
     add_inputs: bool,
 ) -> None:
+    """The op's body (bound layers call it directly when nothing is being traced)."""
     b = _LAYERS[layer_id]
     b.wrapper.apply_safety_lora_linear(
         y, x, lora_a_stacked, lora_b_stacked, scale, b.safety, b.output_slices, add_inputs
@@ -84,7 +85,7 @@ def register_ops() -> None:
     with _LOCK:
         if LORA_LINEAR in _REGISTERED:
             return
-        op = torch.library.custom_op(LORA_LINEAR, _lora_linear, mutates_args=("y",))
+        op = torch.library.custom_op(LORA_LINEAR, lora_linear_eager, mutates_args=("y",))
 
         @op.register_fake  # type: ignore[misc]
         def _(*args: Any, **kwargs: Any) -> None:

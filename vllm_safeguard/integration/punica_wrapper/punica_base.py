@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..layer_table import LayerSafety
-from ..safety_op import BoundLayer, bind_layer, register_ops
+from ..safety_op import BoundLayer, bind_layer, lora_linear_eager, register_ops
 
 
 class SafetyBoundWrapper:
@@ -53,16 +53,20 @@ class SafetyBoundWrapper:
         buffer: Any = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Semantics: the shared wrapper's ``apply_safety_lora_linear`` for this layer, as one op."""
-        torch.ops.safeguard.lora_linear(
-            y,
-            x,
-            list(lora_a_stacked),
-            list(lora_b_stacked),
-            float(scale),
-            self.layer_id,
-            bool(kwargs.get("add_inputs", True)),
-        )
+        """Semantics: the shared wrapper's ``apply_safety_lora_linear`` for this layer, as one op.
+
+        Traced (torch.compile): the op, so the graph holds one opaque call carrying the static layer
+        id. Eager (``enforce_eager``, and vLLM-CPU's default): the op's body directly, the same code
+        the op would run; the custom-op dispatcher's Python layers around it (Dynamo-disable wrapper,
+        autograd/inplace redispatch, default filling) cost ~0.14 ms a call, ~5% of a SmolLM2-135M
+        decode step on 2 cores (cProfile of the offline engine, 3840 calls in 32 steps: 0.55 s).
+        """
+        args = (list(lora_a_stacked), list(lora_b_stacked), float(scale), self.layer_id)
+        add_inputs = bool(kwargs.get("add_inputs", True))
+        if torch.compiler.is_compiling():
+            torch.ops.safeguard.lora_linear(y, x, *args, add_inputs)
+        else:
+            lora_linear_eager(y, x, *args, add_inputs)
         return y
 
     def __getattr__(self, name: str) -> Any:
