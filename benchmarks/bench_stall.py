@@ -19,8 +19,11 @@ Arms (one server each, the same workload):
   inside the engine loop (the behaviour before issue 18);
 * ``api_server``: admission before the engine (the default): the API server admits, the worker only
   verifies the entry it is handed;
-* ``api_server_equal``: the same with the admission threads at the engine's priority and torch's
-  default threads (``admission_nice`` 0, ``admission_torch_threads`` 2): what the defaults buy.
+* ``api_server_thread``: the same with the admissions in a thread of the API-server process
+  (``admission_process`` false; what ``api_server`` was in the first two runs): the GIL is shared
+  with the server that streams the tokens;
+* ``api_server_equal``: admission threads at the engine's priority and torch's default threads
+  (``admission_process`` false, ``admission_nice`` 0, ``admission_torch_threads`` 2).
 
 A gap belongs to the window in which it ends; the loader starts no load in the last 2 s of a window.
 Reported per arm: gap p50 / p99 / max in quiet and in loading windows, the ratio of the p99s with a
@@ -35,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -179,8 +183,12 @@ def run_arm(arm: str, args: argparse.Namespace, aligned: Path, reference: Path, 
             "cache_dir": str(workdir / f"cache-{arm}"),  # fresh: every cold load is a repair
             "admission_frontend": "false" if arm == "worker" else "true",
         }
+        if arm == "api_server_thread":
+            safeguard |= {"admission_process": "false"}
         if arm == "api_server_equal":
-            safeguard |= {"admission_nice": "0", "admission_torch_threads": "2"}
+            safeguard |= {"admission_process": "false", "admission_nice": "0", "admission_torch_threads": "2"}
+        # fresh for every run of an arm: the cold adapters are the same files run after run
+        shutil.rmtree(workdir / f"cache-{arm}", ignore_errors=True)
     env = server_env(safeguard=safeguard, runtime_lora_updating=True, kvcache_gib="2")
     argv = vllm_server_argv(
         aligned, port=args.port, served_model_name=MODEL, max_model_len=512, max_lora_rank=64, max_loras=4,

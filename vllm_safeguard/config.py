@@ -200,8 +200,8 @@ class SafeguardConfig(BaseModel):
         ge=1,
         le=64,
         description=(
-            "Threads per API-server process that run admissions (admission_frontend). Repairs are CPU-bound "
-            "torch work: more threads help only with idle cores."
+            "Admission workers (child processes, or threads: admission_process) per API-server process "
+            "(admission_frontend). Repairs are CPU-bound torch work: more workers help only with idle cores."
         ),
     )
     admission_queue: int = Field(
@@ -209,9 +209,17 @@ class SafeguardConfig(BaseModel):
         ge=0,
         le=10_000,
         description=(
-            "Admissions that may wait for a free admission thread, per API-server process. A load beyond "
+            "Admissions that may wait for a free admission worker, per API-server process. A load beyond "
             "admission_workers + admission_queue is refused at once with HTTP 503 (nothing is read; retry "
             "later) instead of waiting unboundedly."
+        ),
+    )
+    admission_process: bool = Field(
+        True,
+        description=(
+            "Run the API server's admissions in child processes it owns (admission_workers of them, spawned "
+            "on first use) rather than threads: a repair's Python work then never holds the API server's "
+            "interpreter lock while it streams tokens. False: threads of the API-server process."
         ),
     )
     admission_nice: int = Field(
@@ -219,7 +227,7 @@ class SafeguardConfig(BaseModel):
         ge=0,
         le=19,
         description=(
-            "Scheduling niceness (Linux) of the API server's admission threads: admissions are background "
+            "Scheduling niceness (Linux) of the API server's admission workers: admissions are background "
             "work, token generation is not. 0 competes with the engine for the CPU as an equal; 19 yields "
             "almost always (slower admissions)."
         ),
@@ -229,8 +237,9 @@ class SafeguardConfig(BaseModel):
         ge=1,
         le=256,
         description=(
-            "torch intra-op threads in the API-server process (it runs no other torch work): bounds how "
-            "many cores one admission can take from the engine. 1 keeps the others for serving."
+            "torch intra-op threads of an admission worker (with threads: of the API-server process, which runs "
+            "no other torch work): bounds how many cores one admission can take from the engine. 1 keeps the "
+            "others for serving."
         ),
     )
     log_reports: bool = Field(True, description="Log each adapter's risk score and repair summary.")

@@ -34,6 +34,8 @@ def _config(cache_dir: Path, **over: object) -> SafeguardConfig:
         "risk_threshold": 0.1,
         # the pool's initializer sets torch's process-wide thread count: keep the test process's
         "admission_torch_threads": torch.get_num_threads(),
+        # threads, so that tests can hold the pipeline's locks (child processes: test_child_process_*)
+        "admission_process": False,
     }
     return load_config({"safeguard": sg | over}, env={})
 
@@ -212,3 +214,83 @@ def test_admission_threads_yield_the_cpu(workspace: Workspace, cache_dir: Path) 
     t.join()
     assert seen["nice"] == os.getpriority(os.PRIO_PROCESS, 0) + 7 or seen["nice"] == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != seen["nice"]  # this thread unchanged
+
+
+# ------------------------------------------------------------------------------ child processes
+
+
+def test_child_process_admits_refuses_and_reports_like_a_thread(
+    workspace: Workspace, cache_dir: Path
+) -> None:
+    """admission_process (the default): the same decisions, errors of the same class, metrics here."""
+    import os
+
+    from prometheus_client import REGISTRY
+
+    worker = _worker(workspace, cache_dir)
+    front = FrontAdmission(_config(cache_dir, admission_process=True, admission_nice=5), "tiny", "inst")
+    site = {"model_name": "tiny", "site": "api_server"}
+    repairs = (
+        REGISTRY.get_sample_value("safeguard_admission_stage_seconds_count", {"stage": "repair", **site}) or 0
+    )
+    try:
+        out = asyncio.run(front.admit(workspace.adapters["unsafe"], "unsafe"))
+        assert out.decision == "repaired" and not out.cache_hit and out.admission is None
+        handed = worker.handed_over(out.path)  # the worker accepts what the child wrote
+        assert handed is not None and handed.key == out.key
+        again = asyncio.run(front.admit(workspace.adapters["unsafe"], "unsafe"))
+        assert again.cache_hit and again.path == out.path
+        assert (
+            REGISTRY.get_sample_value("safeguard_admission_stage_seconds_count", {"stage": "repair", **site})
+            == repairs + 1
+        )
+        assert (REGISTRY.get_sample_value("safeguard_cache_entries", {"model_name": "tiny"}) or 0) >= 1
+        # The pool's processes are background work; this process is not.
+        pids = list(front._pool._processes)  # type: ignore[union-attr]
+        assert pids and os.getpid() not in pids
+        assert all(
+            os.getpriority(os.PRIO_PROCESS, pid) in (os.getpriority(os.PRIO_PROCESS, 0) + 5, 19)
+            for pid in pids
+        )
+        # A refusal in the child arrives as the worker's error class, with its text.
+        strict = FrontAdmission(
+            _config(cache_dir, admission_process=True, method_options={"neuron_fraction": 0.1}),
+            "tiny",
+            "inst",
+        )
+        strict._pool = front._pool  # the same children; another config is another pipeline there
+        _worker(workspace, cache_dir, method_options={"neuron_fraction": 0.1})
+        with pytest.raises(UnrepairableError, match="risk"):
+            asyncio.run(strict.admit(workspace.adapters["unsafe"], "unsafe"))
+        # No context published for this instance: the child says so, the worker admits.
+        orphan = FrontAdmission(_config(cache_dir, admission_process=True), "tiny", "no-such-instance")
+        orphan._pool = front._pool
+        with pytest.raises(ContextUnavailable, match="no served context"):
+            asyncio.run(orphan.admit(workspace.adapters["unsafe"], "unsafe"))
+        assert front.pending == strict.pending == orphan.pending == 0
+    finally:
+        front.close()
+
+
+def test_a_path_outside_the_adapter_roots_is_refused_and_counted(workspace: Workspace, cache_dir: Path) -> None:
+    """The API server's refusal of a path (before any admission) counts as refused_invalid."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from vllm_safeguard.integration import front_admission
+
+    roots = [str(workspace.root / "nowhere")]
+    front = FrontAdmission(_config(cache_dir, adapter_roots=roots), "tiny", "inst")
+    client = SimpleNamespace(**{front_admission._ATTR: front})
+    request = SimpleNamespace(lora_name="escape", lora_path=str(workspace.adapters["unsafe"]))
+    labels = {"model_name": "tiny", "outcome": "refused_invalid", "method": "nlsr_datafree"}
+    before = REGISTRY.get_sample_value("safeguard_adapter_loads_total", labels) or 0.0
+
+    async def original(client: object, request: object) -> None:
+        raise AssertionError("the engine must not see a refused adapter")
+
+    with pytest.raises(AdapterRefused, match="refused \\(invalid\\)"):
+        asyncio.run(front_admission.admit_then_add(client, request, original))
+    assert REGISTRY.get_sample_value("safeguard_adapter_loads_total", labels) == before + 1
+    assert front.pending == 0

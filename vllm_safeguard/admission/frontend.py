@@ -13,9 +13,16 @@ Semantics of :meth:`FrontAdmission.admit` (one adapter folder, in the API server
 
     pending = running + waiting admissions of this process
     pending >= workers + queue            -> AdapterRefused(kind "overloaded")      (-> HTTP 503)
-    wait for a pool thread (queue time measured)
+    wait for a pool worker (queue time measured)
     pipeline.process(folder, name)       -> the entry's folder (cache hit, or computed and published)
                                             refusals raise as in the worker (-> HTTP 400)
+
+The pool is ``admission_workers`` child processes (``admission_process``, the default; spawned on first
+use, each at ``admission_nice`` with ``admission_torch_threads`` torch threads) or threads of this
+process. Why processes: a repair is partly Python, and a thread running it holds this process's GIL
+while the API server streams tokens; at a lowered priority it can even be descheduled holding it.
+A child's result comes back as plain data (the outcome without its in-memory admission; a refusal as
+its kind and text, rebuilt here as the same error class), so nothing depends on pickling our errors.
 
 The pipeline is built on first use, in the pool (loading the reference and artifacts takes seconds on
 a large model and must not block the event loop), from the context the worker published
@@ -25,18 +32,31 @@ a large model and must not block the event loop), from the context the worker pu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
+import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import SafeguardConfig
-from ..errors import OVERLOADED, AdapterRefused
+from ..errors import (
+    OVERLOADED,
+    AdapterRefused,
+    AdapterValidationError,
+    CoverageError,
+    RepairError,
+    SafeguardError,
+    UnrepairableError,
+    refusal_kind,
+)
 from .pipeline import LoadOutcome, PipelineContext, SafeguardPipeline
 from .served_context import admission_fingerprint, read_context
 
@@ -61,8 +81,88 @@ def _background_thread(nice: int, torch_threads: int) -> None:
             logger.warning("vllm-safeguard: cannot lower the admission thread's priority: %s", e)
 
 
+def _background_process(nice: int, torch_threads: int) -> None:
+    """A child admission process: the whole process is background work (see _background_thread)."""
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError as e:
+            logger.warning("vllm-safeguard: cannot lower the admission process's priority: %s", e)
+
+
 class ContextUnavailable(RuntimeError):
     """This process cannot key adapters as the worker does (yet): the worker admits instead."""
+
+
+@dataclass
+class _Done:
+    """What one admission hands back to the event loop (plain data: it may cross a process boundary)."""
+
+    queue_s: float
+    outcome: LoadOutcome | None = None
+    cache_entries: int | None = None
+    cache_bytes: int | None = None
+    # A failure as (class name, refusal kind, text, adapter name, reason) when it crossed a process.
+    error: tuple[str, str, str, str, str] | None = None
+
+
+# Refusal kind -> the error class a child's refusal is rebuilt as (refusal_kind maps it back).
+_KIND_CLASS: dict[str, type[Exception]] = {
+    "invalid": AdapterValidationError,
+    "uncovered": CoverageError,
+    "unrepairable": UnrepairableError,
+}
+
+
+def _rebuild(error: tuple[str, str, str, str, str]) -> Exception:
+    """The parent-side error for a child's failure: the same class where it matters to the caller."""
+    cls_name, kind, text, name, reason = error
+    if cls_name == "ContextUnavailable":
+        return ContextUnavailable(text)
+    if cls_name == "AdapterRefused":
+        return AdapterRefused(name, reason, kind)
+    if kind in _KIND_CLASS:
+        return _KIND_CLASS[kind](text)
+    if cls_name == "RepairError":
+        return RepairError(text)
+    if cls_name.endswith("Error") and kind == "error":
+        return SafeguardError(f"{cls_name}: {text}")
+    return RuntimeError(f"{cls_name}: {text}")
+
+
+# The child process's admissions (one per served model and engine instance it was asked for).
+_CHILD: dict[tuple[str, str, str], FrontAdmission] = {}
+
+
+def _admit_in_child(
+    config: SafeguardConfig, model_name: str, instance: str, folder: str, name: str, queued: float
+) -> _Done:
+    """The body of one admission in a child process (module-level: it is pickled by reference)."""
+    key = (config.model_dump_json(), model_name, instance)
+    front = _CHILD.get(key)
+    if front is None:
+        front = _CHILD[key] = FrontAdmission(config, model_name, instance)
+    try:
+        done = front._admit_here(folder, name, queued)
+    except Exception as e:
+        text = str(e)
+        refused = e if isinstance(e, AdapterRefused) else None
+        return _Done(
+            queue_s=0.0,
+            error=(
+                type(e).__name__,
+                refused.kind if refused else refusal_kind(e),
+                text,
+                refused.adapter_name if refused else name,
+                refused.reason if refused else text,
+            ),
+        )
+    if done.outcome is not None:  # the in-memory admission and cleanup stay in the child
+        done.outcome = dataclasses.replace(done.outcome, admission=None, cleanup=None)
+    return done
 
 
 @dataclass
@@ -74,7 +174,7 @@ class FrontAdmission:
     instance: str
     # Builds the pipeline from the worker's context (tests may give another pipeline factory).
     make_pipeline: Callable[[SafeguardConfig, PipelineContext], SafeguardPipeline] = SafeguardPipeline.create
-    _pool: ThreadPoolExecutor | None = None
+    _pool: Executor | None = None
     _pipeline: SafeguardPipeline | None = None
     _pending: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)  # _pending (held briefly, in the loop)
@@ -88,14 +188,25 @@ class FrontAdmission:
     def pending(self) -> int:
         return self._pending
 
-    def _pool_(self) -> ThreadPoolExecutor:
+    def _pool_(self) -> Executor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                max_workers=self.config.admission_workers,
-                thread_name_prefix="safeguard-admit",
-                initializer=_background_thread,
-                initargs=(self.config.admission_nice, self.config.admission_torch_threads),
-            )
+            c = self.config
+            initargs = (c.admission_nice, c.admission_torch_threads)
+            if c.admission_process:
+                # spawn: a fork of a process running an event loop, threads and torch is not safe
+                self._pool = ProcessPoolExecutor(
+                    max_workers=c.admission_workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_background_process,
+                    initargs=initargs,
+                )
+            else:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=c.admission_workers,
+                    thread_name_prefix="safeguard-admit",
+                    initializer=_background_thread,
+                    initargs=initargs,
+                )
         return self._pool
 
     def pipeline(self) -> SafeguardPipeline:
@@ -147,24 +258,49 @@ class FrontAdmission:
                 )
             self._pending += 1
         m.admissions_in_flight.labels(model_name=self.model_name).inc()
-        queued = time.perf_counter()
+        queued = time.time()  # wall clock: comparable in a child process
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool_(), self._run, str(folder), name, queued)
+            pool = self._pool_()
+            job: Callable[[], _Done]
+            if self.config.admission_process:  # a partial of a module-level function pickles by reference
+                job = functools.partial(
+                    _admit_in_child, self.config, self.model_name, self.instance, str(folder), name, queued
+                )
+            else:
+                job = functools.partial(self._admit_here, str(folder), name, queued)
+            try:
+                done = await loop.run_in_executor(pool, job)
+            except BrokenProcessPool as e:  # a child died (killed, out of memory): a new pool next time
+                self._pool = None
+                raise RuntimeError(f"the admission process died while admitting {name!r}: {e}") from e
         finally:
             with self._lock:
                 self._pending -= 1
             m.admissions_in_flight.labels(model_name=self.model_name).dec()
+        if done.error is not None:
+            raise _rebuild(done.error)
+        assert done.outcome is not None
+        self._record(m, done)
+        return done.outcome
 
-    def _run(self, folder: str, name: str, queued: float) -> LoadOutcome:
-        from ..metrics import get_metrics, record_repair
+    def _admit_here(self, folder: str, name: str, queued: float) -> _Done:
+        """One admission in this process (a pool thread, or a child process's own front)."""
+        queue_s = time.time() - queued
+        outcome = self.pipeline().process(folder, name)
+        entries, size = self._cache_usage()
+        return _Done(queue_s, outcome, entries, size)
 
-        m = get_metrics()
+    def _record(self, m: Any, done: _Done) -> None:
+        """Stage times, the outcome and the cache gauges, in this process's metrics."""
+        from ..metrics import record_repair
+
+        outcome = done.outcome
+        assert outcome is not None
         stage = m.admission_stage
         stage.labels(model_name=self.model_name, stage="queue", site="api_server").observe(
-            time.perf_counter() - queued
+            max(done.queue_s, 0.0)
         )
-        outcome = self.pipeline().process(folder, name)
         for s, seconds in outcome.times.items():
             stage.labels(model_name=self.model_name, stage=s, site="api_server").observe(seconds)
         m.frontend_admissions.labels(
@@ -172,14 +308,15 @@ class FrontAdmission:
         ).inc()
         if not outcome.cache_hit:
             record_repair(self.model_name, self.config.method, outcome.report)
-        self._cache_gauges(m)
-        return outcome
+        if done.cache_entries is not None:
+            m.cache_entries.labels(model_name=self.model_name).set(done.cache_entries)
+            m.cache_bytes.labels(model_name=self.model_name).set(done.cache_bytes)
 
-    def _cache_gauges(self, m: Any) -> None:
-        """Entries and bytes of the repair cache (a directory walk: after admissions only)."""
+    def _cache_usage(self) -> tuple[int | None, int | None]:
+        """Entries and bytes of the repair cache (a directory walk: after admissions only, in the pool)."""
         pipeline = self._pipeline
         if pipeline is None or pipeline.cache is None:
-            return
+            return None, None
         entries, size = 0, 0
         for folder in (pipeline.cache.root / "entries").glob("*/*"):
             entries += 1
@@ -187,8 +324,7 @@ class FrontAdmission:
                 size += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
             except OSError:
                 continue
-        m.cache_entries.labels(model_name=self.model_name).set(entries)
-        m.cache_bytes.labels(model_name=self.model_name).set(size)
+        return entries, size
 
     def close(self) -> None:
         if self._pool is not None:

@@ -93,9 +93,10 @@ async def admit_then_add(
     try:
         try:
             folder = adapter_folder(front.config, lora_request.lora_path)
-        except AdapterValidationError as e:  # outside the adapter roots
-            raise AdapterRefused(name, str(e), "invalid") from e
-        except Exception as e:
+        except Exception as e:  # outside the adapter roots, or not a path at all
+            _count_refusal(front, "invalid")
+            if isinstance(e, AdapterValidationError):
+                raise AdapterRefused(name, str(e), "invalid") from e
             raise AdapterRefused(
                 name, f"cannot resolve adapter path {lora_request.lora_path!r}: {e}", "invalid"
             ) from e
