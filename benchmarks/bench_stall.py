@@ -19,11 +19,12 @@ Arms (one server each, the same workload):
   inside the engine loop (the behaviour before issue 18);
 * ``api_server``: admission before the engine (the default): the API server admits, the worker only
   verifies the entry it is handed;
-* ``api_server_thread``: the same with the admissions in a thread of the API-server process
-  (``admission_process`` false; what ``api_server`` was in the first two runs): the GIL is shared
-  with the server that streams the tokens;
+* ``api_server_process``: the same with the admissions in a child process of the API server
+  (``admission_process`` true: no GIL shared with the server that streams the tokens). (In the third
+  and fourth runs, ``bench_stall_run3`` / ``bench_stall_12pairs``, this arm was named ``api_server``
+  and the default threads ``api_server_thread``; their Markdown says so.)
 * ``api_server_equal``: admission threads at the engine's priority and torch's default threads
-  (``admission_process`` false, ``admission_nice`` 0, ``admission_torch_threads`` 2).
+  (``admission_nice`` 0, ``admission_torch_threads`` 2).
 
 A gap belongs to the window in which it ends; the loader starts no load in the last 2 s of a window.
 Reported per arm: gap p50 / p99 / max in quiet and in loading windows, the ratio of the p99s with a
@@ -183,10 +184,10 @@ def run_arm(arm: str, args: argparse.Namespace, aligned: Path, reference: Path, 
             "cache_dir": str(workdir / f"cache-{arm}"),  # fresh: every cold load is a repair
             "admission_frontend": "false" if arm == "worker" else "true",
         }
-        if arm == "api_server_thread":
-            safeguard |= {"admission_process": "false"}
+        if arm == "api_server_process":
+            safeguard |= {"admission_process": "true"}
         if arm == "api_server_equal":
-            safeguard |= {"admission_process": "false", "admission_nice": "0", "admission_torch_threads": "2"}
+            safeguard |= {"admission_nice": "0", "admission_torch_threads": "2"}
         # fresh for every run of an arm: the cold adapters are the same files run after run
         shutil.rmtree(workdir / f"cache-{arm}", ignore_errors=True)
     env = server_env(safeguard=safeguard, runtime_lora_updating=True, kvcache_gib="2")
@@ -247,6 +248,7 @@ def run_arm(arm: str, args: argparse.Namespace, aligned: Path, reference: Path, 
         "arm": arm,
         "startup_s": round(startup, 1),
         "loads": len(loads),
+        "load_seconds": [round(x["seconds"], 3) for x in loads],
         "loads_failed": [x for x in loads if x["status"] != 200],
         "load_p50_s": pctl(np.array(secs), 50),
         "load_p99_s": pctl(np.array(secs), 99),

@@ -43,7 +43,9 @@ def _reference(y, x, a, b, alpha):
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     alpha_kind=st.sampled_from(["ones", "mixed", "zeros", "scaled"]),
 )
-def test_packed_safety_delta_matches_the_reference(seed, tokens, hidden, widths, rank, dtype, alpha_kind) -> None:
+def test_packed_safety_delta_matches_the_reference(
+    seed, tokens, hidden, widths, rank, dtype, alpha_kind
+) -> None:
     a, b, x, y = _case(seed, tokens, hidden, widths, rank, dtype)
     g = torch.Generator().manual_seed(seed + 1)
     alpha = {
@@ -63,7 +65,7 @@ def test_packed_safety_delta_matches_the_reference(seed, tokens, hidden, widths,
 
 
 def test_packed_layout_and_shapes_are_checked() -> None:
-    a, b, x, y = _case(0, 3, 6, (4, 2), 2, torch.float32)
+    a, b, x, _ = _case(0, 3, 6, (4, 2), 2, torch.float32)
     p = pack_safety(a, b)
     assert p.a_t.shape == (6, 4) and [t.shape for t in p.b_t] == [(2, 4), (2, 2)]
     assert p.columns == ((0, 4), (4, 2)) and p.out_features == 6

@@ -34,7 +34,7 @@ def _config(cache_dir: Path, **over: object) -> SafeguardConfig:
         "risk_threshold": 0.1,
         # the pool's initializer sets torch's process-wide thread count: keep the test process's
         "admission_torch_threads": torch.get_num_threads(),
-        # threads, so that tests can hold the pipeline's locks (child processes: test_child_process_*)
+        # threads (the default), so that tests can hold the pipeline's locks (processes: test_child_process_*)
         "admission_process": False,
     }
     return load_config({"safeguard": sg | over}, env={})
@@ -222,7 +222,7 @@ def test_admission_threads_yield_the_cpu(workspace: Workspace, cache_dir: Path) 
 def test_child_process_admits_refuses_and_reports_like_a_thread(
     workspace: Workspace, cache_dir: Path
 ) -> None:
-    """admission_process (the default): the same decisions, errors of the same class, metrics here."""
+    """admission_process: the same decisions, errors of the same class, metrics in this process."""
     import os
 
     from prometheus_client import REGISTRY
@@ -272,7 +272,9 @@ def test_child_process_admits_refuses_and_reports_like_a_thread(
         front.close()
 
 
-def test_a_path_outside_the_adapter_roots_is_refused_and_counted(workspace: Workspace, cache_dir: Path) -> None:
+def test_a_path_outside_the_adapter_roots_is_refused_and_counted(
+    workspace: Workspace, cache_dir: Path
+) -> None:
     """The API server's refusal of a path (before any admission) counts as refused_invalid."""
     from types import SimpleNamespace
 
