@@ -134,6 +134,8 @@ def run_arm(arm: str, args: argparse.Namespace, aligned: Path, reference: Path, 
             "reference_path": str(reference),
             "cache_dir": str(workdir / "cache-on"),
         }
+        # fresh for every run: a rerun in the same workdir would otherwise admit from cache hits
+        shutil.rmtree(workdir / "cache-on", ignore_errors=True)
     env = server_env(safeguard=safeguard, runtime_lora_updating=True, kvcache_gib="2")
     argv = vllm_server_argv(
         aligned, port=args.port, served_model_name=MODEL, max_model_len=512, max_lora_rank=16, max_loras=4,
