@@ -221,7 +221,8 @@ class SafeguardConfig(BaseModel):
             "on first use) instead of threads: a repair's Python work then never holds the API server's "
             "interpreter lock. Measured on 2 busy cores (bench_stall, 12 window pairs): the same p99 "
             "inter-token gap as threads (1.10x vs 1.14x of quiet) with admissions ~2.5x slower (p50 5.2 s "
-            "vs 2.1 s), so threads are the default."
+            "vs 2.1 s), so threads are the default. Each child loads its own copy of the reference and "
+            "artifacts (memory grows with admission_workers) and dies with the API server."
         ),
     )
     admission_nice: int = Field(

@@ -164,11 +164,17 @@ def test_full_pool_refuses_at_once_with_overloaded(workspace: Workspace, cache_d
 
 
 def test_refusal_is_the_workers_decision(workspace: Workspace, cache_dir: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    labels = {"model_name": "tiny", "site": "api_server", "stage": "queue"}
+    queued = REGISTRY.get_sample_value("safeguard_admission_stage_seconds_count", labels) or 0.0
     _worker(workspace, cache_dir, method_options={"neuron_fraction": 0.1})
     front = FrontAdmission(_config(cache_dir, method_options={"neuron_fraction": 0.1}), "tiny", "inst")
     with pytest.raises(UnrepairableError):
         asyncio.run(front.admit(workspace.adapters["unsafe"], "unsafe"))
     assert front.pending == 0
+    # a refused admission waited in the queue too
+    assert REGISTRY.get_sample_value("safeguard_admission_stage_seconds_count", labels) == queued + 1
 
 
 def test_stage_metrics_and_cache_gauges(workspace: Workspace, cache_dir: Path) -> None:
@@ -260,8 +266,11 @@ def test_child_process_admits_refuses_and_reports_like_a_thread(
         )
         strict._pool = front._pool  # the same children; another config is another pipeline there
         _worker(workspace, cache_dir, method_options={"neuron_fraction": 0.1})
+        queue = {"stage": "queue", **site}
+        queued = REGISTRY.get_sample_value("safeguard_admission_stage_seconds_count", queue) or 0.0
         with pytest.raises(UnrepairableError, match="risk"):
             asyncio.run(strict.admit(workspace.adapters["unsafe"], "unsafe"))
+        assert REGISTRY.get_sample_value("safeguard_admission_stage_seconds_count", queue) == queued + 1
         # No context published for this instance: the child says so, the worker admits.
         orphan = FrontAdmission(_config(cache_dir, admission_process=True), "tiny", "no-such-instance")
         orphan._pool = front._pool
@@ -296,3 +305,59 @@ def test_a_path_outside_the_adapter_roots_is_refused_and_counted(
         asyncio.run(front_admission.admit_then_add(client, request, original))
     assert REGISTRY.get_sample_value("safeguard_adapter_loads_total", labels) == before + 1
     assert front.pending == 0
+
+
+def test_child_errors_are_rebuilt_by_kind_with_their_text() -> None:
+    from vllm_safeguard.admission.frontend import _Done, _rebuild
+    from vllm_safeguard.errors import CoverageError, RepairError, refusal_kind
+
+    def rebuilt(cls: str, kind: str, ours: bool = True) -> Exception:
+        return _rebuild(_Done(None, error=(cls, kind, "the text", "n", "why"), ours=ours))
+
+    assert isinstance(rebuilt("AdapterValidationError", "invalid"), AdapterValidationError)
+    assert isinstance(rebuilt("CoverageError", "uncovered"), CoverageError)
+    assert isinstance(rebuilt("UnrepairableError", "unrepairable"), UnrepairableError)
+    timeout = rebuilt("RepairTimeout", "error")
+    assert (
+        isinstance(timeout, RepairError) and str(timeout) == "the text" and refusal_kind(timeout) == "error"
+    )
+    bug = rebuilt("ValueError", "error", ours=False)
+    assert type(bug) is RuntimeError and str(bug) == "the text"
+    refused = rebuilt("AdapterRefused", OVERLOADED)
+    assert isinstance(refused, AdapterRefused) and refused.kind == OVERLOADED and refused.reason == "why"
+    assert isinstance(rebuilt("ContextUnavailable", "error"), ContextUnavailable)
+
+
+def test_a_dead_admission_process_drops_only_its_own_pool(cache_dir: Path) -> None:
+    """A BrokenProcessPool refuses the admission (kind error) and resets the pool only if it is still the
+    current one: a pool a later admission started meanwhile is kept."""
+    from concurrent.futures import Executor, Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    front = FrontAdmission(_config(cache_dir, admission_process=True), "tiny", "inst")
+
+    class Dead(Executor):
+        def __init__(self, replace_with: Executor | None = None) -> None:
+            self.replace_with, self.closed = replace_with, False
+
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if self.replace_with is not None:
+                front._pool = self.replace_with  # another admission started a new pool meanwhile
+            f: Future[object] = Future()
+            f.set_exception(BrokenProcessPool("killed"))
+            return f
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            self.closed = True
+
+    alone = Dead()
+    front._pool = alone
+    with pytest.raises(RuntimeError, match="admission process died"):
+        asyncio.run(front.admit("/nowhere", "a"))
+    assert front._pool is None and alone.closed and front.pending == 0
+    newer = Dead()
+    stale = Dead(replace_with=newer)
+    front._pool = stale
+    with pytest.raises(RuntimeError, match="admission process died"):
+        asyncio.run(front.admit("/nowhere", "b"))
+    assert front._pool is newer and not newer.closed

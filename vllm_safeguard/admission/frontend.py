@@ -34,6 +34,7 @@ a large model and must not block the event loop), from the context the worker pu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -41,6 +42,7 @@ import multiprocessing
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -83,9 +85,24 @@ def _background_thread(nice: int, torch_threads: int) -> None:
             logger.warning("vllm-safeguard: cannot lower the admission thread's priority: %s", e)
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when the API server dies, even killed (a spawned pool worker blocks
+    on its call queue forever otherwise, keeping its pipeline in memory). Best effort elsewhere."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _background_process(nice: int, torch_threads: int) -> None:
     """A child admission process: the whole process is background work (see _background_thread)."""
     import torch
+
+    _die_with_parent()
 
     torch.set_num_threads(torch_threads)
     if nice > 0 and hasattr(os, "setpriority"):
@@ -103,12 +120,15 @@ class ContextUnavailable(RuntimeError):
 class _Done:
     """What one admission hands back to the event loop (plain data: it may cross a process boundary)."""
 
-    queue_s: float
+    queue_s: float | None
     outcome: LoadOutcome | None = None
     cache_entries: int | None = None
     cache_bytes: int | None = None
-    # A failure as (class name, refusal kind, text, adapter name, reason) when it crossed a process.
+    # A failure as (class name, refusal kind, text, adapter name, reason) when it crossed a process,
+    # whether it was one of ours (a SafeguardError), and the child's traceback (logged here).
     error: tuple[str, str, str, str, str] | None = None
+    ours: bool = True
+    trace: str = ""
 
 
 # Refusal kind -> the error class a child's refusal is rebuilt as (refusal_kind maps it back).
@@ -119,21 +139,22 @@ _KIND_CLASS: dict[str, type[Exception]] = {
 }
 
 
-def _rebuild(error: tuple[str, str, str, str, str]) -> Exception:
-    """The parent-side error for a child's failure: the same class where it matters to the caller."""
-    cls_name, kind, text, name, reason = error
+def _rebuild(done: _Done) -> Exception:
+    """The parent-side error for a child's failure: the class the caller decides on (its refusal kind,
+    ContextUnavailable, AdapterRefused), with the child's text unchanged."""
+    assert done.error is not None
+    cls_name, kind, text, name, reason = done.error
     if cls_name == "ContextUnavailable":
         return ContextUnavailable(text)
     if cls_name == "AdapterRefused":
         return AdapterRefused(name, reason, kind)
     if kind in _KIND_CLASS:
         return _KIND_CLASS[kind](text)
-    if cls_name == "RepairError":
-        return RepairError(text)
-    if cls_name.endswith("Error") and kind == "error":
-        return SafeguardError(f"{cls_name}: {text}")
-    return RuntimeError(f"{cls_name}: {text}")
+    return RepairError(text) if done.ours else RuntimeError(text)
 
+
+# Attribute a failed admission's exception carries: its seconds in the queue (recorded either way).
+QUEUE_ATTR = "safeguard_queue_s"
 
 # The child process's admissions (one per served model and engine instance it was asked for).
 _CHILD: dict[tuple[str, str, str], FrontAdmission] = {}
@@ -153,7 +174,7 @@ def _admit_in_child(
         text = str(e)
         refused = e if isinstance(e, AdapterRefused) else None
         return _Done(
-            queue_s=0.0,
+            queue_s=getattr(e, QUEUE_ATTR, None),
             error=(
                 type(e).__name__,
                 refused.kind if refused else refusal_kind(e),
@@ -161,6 +182,8 @@ def _admit_in_child(
                 refused.adapter_name if refused else name,
                 refused.reason if refused else text,
             ),
+            ours=isinstance(e, SafeguardError),
+            trace=traceback.format_exc(),
         )
     if done.outcome is not None:  # the in-memory admission and cleanup stay in the child
         done.outcome = dataclasses.replace(done.outcome, admission=None, cleanup=None)
@@ -274,14 +297,24 @@ class FrontAdmission:
             try:
                 done = await loop.run_in_executor(pool, job)
             except BrokenProcessPool as e:  # a child died (killed, out of memory): a new pool next time
-                self._pool = None
+                if self._pool is pool:  # (not one a later admission has started since)
+                    self._pool = None
+                    pool.shutdown(wait=False, cancel_futures=True)
                 raise RuntimeError(f"the admission process died while admitting {name!r}: {e}") from e
+            except Exception as e:  # thread mode: the admission's own error
+                self._observe_queue(m, getattr(e, QUEUE_ATTR, None))
+                raise
         finally:
             with self._lock:
                 self._pending -= 1
             m.admissions_in_flight.labels(model_name=self.model_name).dec()
         if done.error is not None:
-            raise _rebuild(done.error)
+            self._observe_queue(m, done.queue_s)
+            if done.error[1] == "error" and done.trace:
+                logger.warning(
+                    "vllm-safeguard: admission of %r failed in the admission process:\n%s", name, done.trace
+                )
+            raise _rebuild(done)
         assert done.outcome is not None
         self._record(m, done)
         return done.outcome
@@ -289,9 +322,20 @@ class FrontAdmission:
     def _admit_here(self, folder: str, name: str, queued: float) -> _Done:
         """One admission in this process (a pool thread, or a child process's own front)."""
         queue_s = time.time() - queued
-        outcome = self.pipeline().process(folder, name)
+        try:
+            outcome = self.pipeline().process(folder, name)
+        except Exception as e:
+            with contextlib.suppress(AttributeError):
+                setattr(e, QUEUE_ATTR, queue_s)  # the queue time is recorded for refusals too
+            raise
         entries, size = self._cache_usage()
         return _Done(queue_s, outcome, entries, size)
+
+    def _observe_queue(self, m: Any, queue_s: float | None) -> None:
+        if queue_s is not None:
+            m.admission_stage.labels(model_name=self.model_name, stage="queue", site="api_server").observe(
+                max(queue_s, 0.0)
+            )
 
     def _record(self, m: Any, done: _Done) -> None:
         """Stage times, the outcome and the cache gauges, in this process's metrics."""
@@ -299,10 +343,8 @@ class FrontAdmission:
 
         outcome = done.outcome
         assert outcome is not None
+        self._observe_queue(m, done.queue_s)
         stage = m.admission_stage
-        stage.labels(model_name=self.model_name, stage="queue", site="api_server").observe(
-            max(done.queue_s, 0.0)
-        )
         for s, seconds in outcome.times.items():
             stage.labels(model_name=self.model_name, stage=s, site="api_server").observe(seconds)
         m.frontend_admissions.labels(
