@@ -99,17 +99,10 @@ def _die_with_parent() -> None:
 
 
 def _background_process(nice: int, torch_threads: int) -> None:
-    """A child admission process: the whole process is background work (see _background_thread)."""
-    import torch
-
+    """A child admission process: it dies with the API server, and its main thread (where the pool
+    runs every admission; threads it starts inherit the niceness) is background work."""
     _die_with_parent()
-
-    torch.set_num_threads(torch_threads)
-    if nice > 0 and hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
-        except OSError as e:
-            logger.warning("vllm-safeguard: cannot lower the admission process's priority: %s", e)
+    _background_thread(nice, torch_threads)
 
 
 class ContextUnavailable(RuntimeError):

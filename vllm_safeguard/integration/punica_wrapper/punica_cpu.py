@@ -2,7 +2,7 @@
 
 The task LoRA goes through vLLM's own ops (so alpha 0 and "no safety delta" are bit-identical to
 plugin-off vLLM), then the safety delta through ``kernels/torch_ops/packed_safety_delta.py`` (the
-layer's slices packed once at bind time: one shrink and one expand GEMM per layer, checked against the
+layer's slices packed once at bind time: one shrink GEMM per layer, one expand per slice; checked against the
 fused kernel's torch reference), only for tokens with alpha != 0.
 """
 
